@@ -1,0 +1,75 @@
+"""Request-scoped dependencies: the database session (one transaction) and the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import PermissionDenied, Unauthorized
+from api.services import Services
+from api.tenancy.service import Principal, authenticate
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One request, one transaction: committed before the response is sent."""
+    session = get_services(request).session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+# scope="function" ends the transaction before the response leaves, so a client that reads
+# right after a create always sees its own write.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def _bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Unauthorized(
+            "You didn't provide an API key. Provide it in the Authorization header as "
+            "'Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Malformed Authorization header; expected 'Bearer YOUR_KEY'.")
+    return token.strip()
+
+
+def require_scope(*accepted: str) -> Callable[..., Principal]:
+    """A dependency that authenticates the key and checks it holds one of ``accepted``."""
+
+    def dependency(request: Request, session: SessionDep, services: ServicesDep) -> Principal:
+        token = _bearer_token(request)
+        principal = authenticate(session, services.settings.secret_key, token)
+        if principal is None:
+            shown = token[:8] + "…" if len(token) > 8 else "…"
+            raise Unauthorized(f"Incorrect API key provided: {shown}")
+        if not principal.scopes.intersection(accepted):
+            raise PermissionDenied(
+                "This API key does not have the scope needed for this request "
+                f"(needs one of: {', '.join(accepted)})."
+            )
+        request.state.tenant_id = principal.tenant_id
+        return principal
+
+    return dependency
+
+
+FinetunePrincipal = Annotated[Principal, Depends(require_scope("finetune", "admin"))]
+AnyPrincipal = Annotated[Principal, Depends(require_scope("finetune", "inference", "admin"))]

@@ -1,0 +1,160 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import FinetunePrincipal, ServicesDep, SessionDep
+from api.errors import ERROR_RESPONSES, BadRequest
+from api.fine_tuning import service
+from api.fine_tuning.repository import CheckpointRepository, JobEventRepository, JobRepository
+from api.fine_tuning.schemas import (
+    CheckpointList,
+    CheckpointMetrics,
+    CheckpointObject,
+    CreateJobRequest,
+    FineTuningJobList,
+    FineTuningJobObject,
+    JobEventList,
+    JobEventObject,
+)
+from api.idempotency import fingerprint, run_idempotent
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+
+_METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        match = _METADATA_PARAM.match(name)
+        if match and "\x00" not in value and len(value) <= 512:
+            found[match.group(1)] = value
+        elif name.startswith("metadata"):
+            raise BadRequest(
+                "Invalid metadata filter: use metadata[KEY]=VALUE (VALUE up to 512 characters).",
+                param="metadata",
+            )
+    return found
+
+
+@router.post("", response_model=FineTuningJobObject)
+def create_job(
+    body: CreateJobRequest,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: FinetunePrincipal,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Create a fine-tuning job; it starts in `validating_files` and is queued for a worker."""
+
+    def produce() -> tuple[int, dict[str, object]]:
+        job = service.create_job(session, services.settings, principal, body)
+        return 200, service.to_object(job).model_dump(mode="json")
+
+    return run_idempotent(
+        session,
+        principal.tenant_id,
+        idempotency_key,
+        fingerprint("POST", "/v1/fine_tuning/jobs", body.model_dump(mode="json")),
+        produce,
+    )
+
+
+@router.get("", response_model=FineTuningJobList)
+def list_jobs(
+    request: Request,
+    session: SessionDep,
+    principal: FinetunePrincipal,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> FineTuningJobList:
+    """List your organization's jobs, newest first; filter with `metadata[KEY]=VALUE`."""
+    rows, has_more = JobRepository(session, principal.tenant_id).list(
+        after=after, limit=limit, metadata=_metadata_filter(request)
+    )
+    return FineTuningJobList(data=[service.to_object(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJobObject)
+def retrieve_job(job_id: str, session: SessionDep, principal: FinetunePrincipal) -> FineTuningJobObject:
+    """Retrieve one job."""
+    return service.to_object(service.get_job(session, principal, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJobObject)
+def cancel_job(
+    job_id: str,
+    session: SessionDep,
+    principal: FinetunePrincipal,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Cancel a job: at once when queued, within seconds when running."""
+
+    def produce() -> tuple[int, dict[str, object]]:
+        job = service.cancel_job(session, principal, job_id)
+        return 200, service.to_object(job).model_dump(mode="json")
+
+    return run_idempotent(
+        session, principal.tenant_id, idempotency_key,
+        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", None), produce,
+    )
+
+
+@router.get("/{job_id}/events", response_model=JobEventList)
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    principal: FinetunePrincipal,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> JobEventList:
+    """The job's events (status messages and metrics), newest first."""
+    service.get_job(session, principal, job_id)
+    rows, has_more = JobEventRepository(session, principal.tenant_id).list(
+        job_id, after=after, limit=limit
+    )
+    data = [
+        JobEventObject(
+            id=e.id, created_at=e.created_at, level=e.level,  # type: ignore[arg-type]
+            message=e.message, type=e.type, data=e.data,  # type: ignore[arg-type]
+        )
+        for e in rows
+    ]
+    return JobEventList(data=data, has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    principal: FinetunePrincipal,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> CheckpointList:
+    """The job's checkpoints, newest first."""
+    job = service.get_job(session, principal, job_id)
+    rows, has_more = CheckpointRepository(session, principal.tenant_id).list(
+        job_id, after=after, limit=limit
+    )
+    data = [
+        CheckpointObject(
+            id=c.id,
+            created_at=c.created_at,
+            fine_tuned_model_checkpoint=f"ft:{job.base_model_id}:{principal.tenant_slug}"
+            f":ckpt-step-{c.step}:{job.id}",
+            fine_tuning_job_id=job.id,
+            metrics=CheckpointMetrics(**{"step": c.step, **c.metrics}),
+            step_number=c.step,
+        )
+        for c in rows
+    ]
+    return CheckpointList(
+        data=data, has_more=has_more,
+        first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+    )

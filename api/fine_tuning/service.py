@@ -1,0 +1,237 @@
+"""Creating, listing and cancelling fine-tuning jobs.
+
+Creation writes the job, its first event and an outbox row in one transaction; the outbox
+dispatcher hands the job id to the training queue after commit (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.catalog.repository import BaseModelRepository
+from api.errors import BadRequest, NotFound
+from api.files.repository import FileRepository
+from api.fine_tuning.repository import JobRepository
+from api.fine_tuning.schemas import (
+    CreateJobRequest,
+    DpoHyperparameters,
+    FineTuningJobObject,
+    JobError,
+    JobHyperparameters,
+    SupervisedHyperparameters,
+)
+from api.settings import APISettings
+from api.tenancy.service import Principal
+from common import ids
+from common.jobs import RUN_JOB_TASK, TERMINAL_STATUSES, TRAIN_QUEUE, JobStatus
+from models_db.base import now_ts
+from models_db.models import AuditLogEntry, File, FineTuningJob, JobEvent, OutboxMessage
+
+# Which dataset formats each training method accepts.
+_METHOD_FORMATS = {"supervised": {"chat", "alpaca", "sharegpt"}, "dpo": {"dpo"}}
+
+
+def _resolve_method(request: CreateJobRequest) -> dict[str, Any]:
+    """Normalise ``method`` (or the legacy top-level ``hyperparameters``) to OpenAI's shape."""
+    method = request.method
+    if method is None:
+        params = request.hyperparameters or SupervisedHyperparameters()
+        return {"type": "supervised", "supervised": {"hyperparameters": params.model_dump()}}
+    if request.hyperparameters is not None:
+        raise BadRequest(
+            "Specify hyperparameters inside 'method', not at the top level, when 'method' is "
+            "given.",
+            param="hyperparameters",
+        )
+    if method.type == "supervised":
+        if method.dpo is not None:
+            raise BadRequest("method.dpo is only allowed when method.type is 'dpo'.", param="method.dpo")
+        sft = method.supervised.hyperparameters if method.supervised else SupervisedHyperparameters()
+        return {"type": "supervised", "supervised": {"hyperparameters": sft.model_dump()}}
+    if method.supervised is not None:
+        raise BadRequest(
+            "method.supervised is only allowed when method.type is 'supervised'.",
+            param="method.supervised",
+        )
+    dpo = method.dpo.hyperparameters if method.dpo else DpoHyperparameters()
+    return {"type": "dpo", "dpo": {"hyperparameters": dpo.model_dump()}}
+
+
+def _checked_file(
+    repo: FileRepository, file_id: str, param: str, method_type: str
+) -> File:
+    row = repo.get_live(file_id)
+    # Another tenant's file reads exactly like a missing one.
+    if row is None:
+        raise BadRequest(f"Invalid file ID: {file_id} does not exist.", param=param, code="invalid_file")
+    if row.purpose != "fine-tune":
+        raise BadRequest(f"File {file_id} does not have purpose 'fine-tune'.", param=param)
+    if row.format not in _METHOD_FORMATS[method_type]:
+        expected = " or ".join(sorted(_METHOD_FORMATS[method_type]))
+        raise BadRequest(
+            f"File {file_id} is in {row.format!r} format, but a {method_type} job needs "
+            f"{expected} data.",
+            param=param,
+            code="invalid_file_format",
+        )
+    return row
+
+
+def create_job(
+    session: Session, settings: APISettings, principal: Principal, request: CreateJobRequest
+) -> FineTuningJob:
+    method = _resolve_method(request)
+    method_type: str = method["type"]
+    params: dict[str, Any] = method[method_type]["hyperparameters"]
+
+    if request.model.startswith("ft:"):
+        raise BadRequest(
+            "Fine-tuning a fine-tuned model is not supported yet; use its base model.",
+            param="model",
+            code="model_not_available",
+        )
+    base = BaseModelRepository(session).get_enabled(request.model)
+    if base is None:
+        raise BadRequest(
+            f"Model {request.model} is not available for fine-tuning; GET /v1/models lists "
+            "the base models.",
+            param="model",
+            code="model_not_available",
+        )
+    if params["quantization"] != "none" and not settings.cuda_workers:
+        raise BadRequest(
+            f"quantization={params['quantization']!r} needs CUDA training workers, and this "
+            "deployment has only CPU workers; use quantization 'none'.",
+            param=f"method.{method_type}.hyperparameters.quantization",
+            code="unsupported_on_this_deployment",
+        )
+    max_seq_len = params["max_seq_len"]
+    if max_seq_len != "auto" and max_seq_len > base.context_length:
+        raise BadRequest(
+            f"max_seq_len {max_seq_len} exceeds the context length of {base.id} "
+            f"({base.context_length}).",
+            param=f"method.{method_type}.hyperparameters.max_seq_len",
+        )
+
+    files = FileRepository(session, principal.tenant_id)
+    training = _checked_file(files, request.training_file, "training_file", method_type)
+    validation = (
+        _checked_file(files, request.validation_file, "validation_file", method_type)
+        if request.validation_file
+        else None
+    )
+
+    job = JobRepository(session, principal.tenant_id).add(
+        FineTuningJob(
+            id=ids.new_id(ids.JOB),
+            tenant_id=principal.tenant_id,
+            base_model_id=base.id,
+            training_file_id=training.id,
+            validation_file_id=validation.id if validation else None,
+            suffix=request.suffix,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+            job_metadata=request.metadata,
+            method=method,
+            status=JobStatus.VALIDATING_FILES,
+            max_attempts=settings.job_max_attempts,
+        )
+    )
+    session.add_all(
+        [
+            JobEvent(
+                id=ids.new_id(ids.JOB_EVENT),
+                tenant_id=principal.tenant_id,
+                job_id=job.id,
+                message=f"Created fine-tuning job: {job.id}",
+            ),
+            OutboxMessage(
+                task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[job.id], tenant_id=principal.tenant_id
+            ),
+            AuditLogEntry(
+                tenant_id=principal.tenant_id, actor=principal.actor, action="job.create",
+                target_type="fine_tuning_job", target_id=job.id, data={"model": base.id},
+            ),
+        ]
+    )
+    session.flush()
+    return job
+
+
+def get_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
+    job = JobRepository(session, principal.tenant_id).get(job_id)
+    if job is None:
+        raise NotFound(f"Could not find fine-tune: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
+    """Cancel at once when no worker holds the job; otherwise flag it for the worker."""
+    job = JobRepository(session, principal.tenant_id).get_for_update(job_id)
+    if job is None:
+        raise NotFound(f"Could not find fine-tune: {job_id}", param="fine_tuning_job_id")
+    if job.status == JobStatus.CANCELLED:
+        return job
+    if job.status in TERMINAL_STATUSES:
+        raise BadRequest(
+            f"Job {job_id} has already {job.status}; it cannot be cancelled.",
+            param="fine_tuning_job_id",
+            code="job_not_cancellable",
+        )
+    now = now_ts()
+    if job.status == JobStatus.RUNNING:
+        if job.cancel_requested_at is None:
+            job.cancel_requested_at = now
+            message = "Cancellation requested; the worker stops the job within seconds."
+        else:
+            return job
+    else:
+        job.status = JobStatus.CANCELLED
+        job.finished_at = now
+        job.cancel_requested_at = now
+        message = "Fine-tuning job cancelled."
+    session.add_all(
+        [
+            JobEvent(
+                id=ids.new_id(ids.JOB_EVENT), tenant_id=principal.tenant_id, job_id=job.id,
+                message=message,
+            ),
+            AuditLogEntry(
+                tenant_id=principal.tenant_id, actor=principal.actor, action="job.cancel",
+                target_type="fine_tuning_job", target_id=job.id, data=None,
+            ),
+        ]
+    )
+    session.flush()
+    return job
+
+
+def to_object(job: FineTuningJob) -> FineTuningJobObject:
+    method_type = job.method["type"]
+    params = job.method[method_type]["hyperparameters"]
+    return FineTuningJobObject(
+        id=job.id,
+        created_at=job.created_at,
+        error=JobError(**job.error) if job.error else None,
+        fine_tuned_model=job.fine_tuned_model,
+        finished_at=job.finished_at,
+        hyperparameters=JobHyperparameters(
+            batch_size=params["batch_size"],
+            learning_rate_multiplier=params["learning_rate_multiplier"],
+            n_epochs=params["n_epochs"],
+        ),
+        model=job.base_model_id,
+        organization_id=job.tenant_id,
+        result_files=[],
+        seed=job.seed,
+        status=job.status,  # type: ignore[arg-type]
+        trained_tokens=job.trained_tokens,
+        training_file=job.training_file_id,
+        validation_file=job.validation_file_id,
+        estimated_finish=job.estimated_finish,
+        metadata=job.job_metadata,
+        method=job.method,
+        user_provided_suffix=job.suffix,
+    )

@@ -1,0 +1,102 @@
+"""Publishes outbox rows to the broker after their transaction committed (DESIGN §5).
+
+A row is published, then marked. A crash between the two publishes the row again on the next
+pass; the broker layer makes that second publish a no-op on Redis (common.broker), and the
+consumers' atomic claim makes a duplicate harmless everywhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.broker import DEDUP_TASK_PREFIX
+from models_db.base import now_ts
+from models_db.models import OutboxMessage
+
+log = logging.getLogger(__name__)
+
+
+def task_id_for(row_id: int) -> str:
+    return f"{DEDUP_TASK_PREFIX}{row_id}"
+
+
+def _claim_batch(session: Session, batch_size: int) -> Sequence[OutboxMessage]:
+    stmt = (
+        select(OutboxMessage)
+        .where(OutboxMessage.published_at.is_(None))
+        .order_by(OutboxMessage.id)
+        .limit(batch_size)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        # Several dispatchers (API replicas) never take the same rows.
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalars(stmt).all()
+
+
+def publish(publisher: Celery, row: OutboxMessage) -> None:
+    publisher.send_task(row.task, args=list(row.args), queue=row.queue, task_id=task_id_for(row.id))
+
+
+def mark_published(session: Session, row_id: int) -> None:
+    session.execute(
+        update(OutboxMessage).where(OutboxMessage.id == row_id).values(published_at=now_ts())
+    )
+
+
+def dispatch_once(
+    factory: sessionmaker[Session], publisher: Celery, batch_size: int = 100
+) -> int:
+    """Publish one batch of pending rows; returns how many were published."""
+    published = 0
+    with factory() as session, session.begin():
+        for row in _claim_batch(session, batch_size):
+            row.publish_attempts += 1
+            try:
+                publish(publisher, row)
+            except Exception:
+                log.exception("publishing outbox row %s failed; will retry", row.id)
+                break
+            mark_published(session, row.id)
+            published += 1
+    return published
+
+
+class Dispatcher:
+    """A background thread that drains the outbox; ``wake()`` after a commit skips the wait."""
+
+    def __init__(
+        self, factory: sessionmaker[Session], publisher: Celery, poll_seconds: float = 1.0
+    ) -> None:
+        self._factory = factory
+        self._publisher = publisher
+        self._poll = poll_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                while dispatch_once(self._factory, self._publisher) and not self._stop.is_set():
+                    pass
+            except Exception:
+                log.exception("outbox dispatcher pass failed")
+            self._wake.wait(self._poll)
+            self._wake.clear()

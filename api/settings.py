@@ -1,0 +1,42 @@
+"""Settings of the control-plane API process."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.settings import CommonSettings
+
+
+class APISettings(CommonSettings):
+    host: str = Field(default="127.0.0.1", description="Address the API listens on.")
+    port: int = Field(default=8000, description="Port the API listens on.")
+    max_file_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        description="Largest dataset file accepted by POST /v1/files, in bytes.",
+    )
+    max_line_bytes: int = Field(
+        default=1024 * 1024, description="Longest line (one JSONL example) accepted, in bytes."
+    )
+    min_examples: int = Field(default=10, description="Fewest examples a dataset file may hold.")
+    max_examples: int = Field(
+        default=1_000_000, description="Most examples a dataset file may hold."
+    )
+    max_json_body_bytes: int = Field(
+        default=1024 * 1024, description="Largest JSON request body accepted, in bytes."
+    )
+    dispatcher_enabled: bool = Field(
+        default=True,
+        description="Run the outbox dispatcher inside the API process (publishes queued work "
+        "to the broker). Turn off when a separate `loraplex dispatcher` runs.",
+    )
+    dispatcher_poll_seconds: float = Field(
+        default=1.0, description="How often the dispatcher looks for unpublished outbox rows."
+    )
+    cuda_workers: bool = Field(
+        default=False,
+        description="Whether CUDA training workers exist; jobs asking for 4-bit/8-bit "
+        "quantization are refused at creation when they don't.",
+    )
+    job_max_attempts: int = Field(
+        default=3, description="Times a job is started before it fails for good."
+    )

@@ -1,0 +1,54 @@
+"""Object identifiers.
+
+Ids are a type prefix (OpenAI's, where OpenAI has one) followed by 26 characters: a 48-bit
+millisecond timestamp and 80 random bits in Crockford base32. They therefore sort by creation
+time, which lets every list endpoint paginate with a plain ``id < :after`` comparison, and they
+are unguessable, so an id never grants anything by itself.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_id(prefix: str) -> str:
+    """Return ``prefix`` followed by a time-ordered random suffix, e.g. ``file-01jd…``."""
+    millis = time.time_ns() // 1_000_000
+    return prefix + _encode(millis, 10) + _encode(secrets.randbits(80), 16)
+
+
+def short_id(length: int = 8) -> str:
+    """A short random token for human-facing names (fine-tuned model names)."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+# Prefixes used across the code base, in one place so they stay consistent.
+TENANT = "org-"
+USER = "user-"
+API_KEY = "key-"
+FILE = "file-"
+JOB = "ftjob-"
+JOB_EVENT = "ftevent-"
+CHECKPOINT = "ftckpt-"
+
+_ID_SHAPE = re.compile(r"^[A-Za-z0-9_.:/-]{1,400}$")
+
+
+def is_plausible_id(value: str) -> bool:
+    """Whether a client-supplied id could name anything (rejects NUL, spaces, huge strings).
+
+    Checked before any query so hostile input never reaches the database driver.
+    """
+    return bool(_ID_SHAPE.match(value))

@@ -1,0 +1,25 @@
+"""Job vocabulary shared by the API (which enqueues) and the workers (which run jobs).
+
+Only names live here: the API sends tasks by name and never imports the worker code.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+TRAIN_QUEUE = "train"
+DEFAULT_QUEUE = "default"
+RUN_JOB_TASK = "loraplex.fine_tuning.run_job"
+
+
+class JobStatus(StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})

@@ -1,0 +1,25 @@
+"""All tables, importable from one place (Alembic's autogenerate reads ``Base.metadata``)."""
+
+from models_db.base import Base
+from models_db.models.catalog import BaseModel, FineTunedModel
+from models_db.models.files import File
+from models_db.models.jobs import FineTuningJob, JobCheckpoint, JobEvent
+from models_db.models.platform import AuditLogEntry, IdempotencyKey, OutboxMessage, UsageRecord
+from models_db.models.tenancy import ApiKey, Tenant, User
+
+__all__ = [
+    "ApiKey",
+    "AuditLogEntry",
+    "Base",
+    "BaseModel",
+    "File",
+    "FineTunedModel",
+    "FineTuningJob",
+    "IdempotencyKey",
+    "JobCheckpoint",
+    "JobEvent",
+    "OutboxMessage",
+    "Tenant",
+    "UsageRecord",
+    "User",
+]

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One prepared run of the GPU-only training paths (bf16 LoRA steps, SDPA / FlashAttention-2
+# selection, packed-sequence isolation, QLoRA where bitsandbytes is present).
+# Usage: scripts/gpu_check.sh [--device cpu --preset tiny ...]; see scripts/gpu_check.py --help.
+# With $OUT set, the results are also written to $OUT/gpu_check.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
+# The project's venv where there is one (development machines); the system python elsewhere.
+python=python3
+if [[ -x .venv/bin/python ]]; then
+    python=.venv/bin/python
+fi
+exec "$python" scripts/gpu_check.py "$@"

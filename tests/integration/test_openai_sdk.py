@@ -1,0 +1,125 @@
+"""The official openai SDK against a running API on Postgres, Redis and SeaweedFS."""
+
+from __future__ import annotations
+
+import io
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests import sample_data
+
+
+@pytest.fixture
+def client(api_server, make_tenant) -> OpenAI:  # type: ignore[no-untyped-def]
+    return OpenAI(base_url=api_server.openai_base_url, api_key=make_tenant().api_key, max_retries=0)
+
+
+def test_fine_tuning_lifecycle(client: OpenAI) -> None:
+    uploaded = client.files.create(
+        file=("train.jsonl", io.BytesIO(sample_data.chat_jsonl(12))), purpose="fine-tune"
+    )
+    assert uploaded.id.startswith("file-")
+    assert uploaded.purpose == "fine-tune"
+    assert uploaded.bytes == len(sample_data.chat_jsonl(12))
+    assert client.files.retrieve(uploaded.id).filename == "train.jsonl"
+    assert uploaded.id in [f.id for f in client.files.list()]
+    assert client.files.content(uploaded.id).read() == sample_data.chat_jsonl(12)
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=uploaded.id,
+        suffix="sdk-test",
+        seed=7,
+        metadata={"team": "search"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
+    assert job.id.startswith("ftjob-")
+    assert job.status == "validating_files"
+    assert job.model == "tiny-llama"
+    assert job.seed == 7
+    assert job.hyperparameters.n_epochs == 2
+    assert job.hyperparameters.batch_size == "auto"
+    assert job.method is not None and job.method.type == "supervised"
+
+    fetched = client.fine_tuning.jobs.retrieve(job.id)
+    assert fetched.id == job.id and fetched.metadata == {"team": "search"}
+    listed = client.fine_tuning.jobs.list(limit=5, metadata={"team": "search"})
+    assert [j.id for j in listed.data] == [job.id]
+    assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+
+    events = client.fine_tuning.jobs.list_events(job.id)
+    assert any(job.id in e.message for e in events.data)
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data == []
+
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.finished_at is not None
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+    models = [m.id for m in client.models.list()]
+    assert "tiny-llama" in models
+    assert client.models.retrieve("tiny-llama").owned_by == "loraplex"
+
+    deleted = client.files.delete(uploaded.id)
+    assert deleted.deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_dpo_job_on_dpo_file_and_mismatch(client: OpenAI) -> None:
+    dpo = client.files.create(file=("p.jsonl", io.BytesIO(sample_data.dpo_jsonl())), purpose="fine-tune")
+    sft = client.files.create(file=("s.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=dpo.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+    )
+    assert job.method is not None and job.method.type == "dpo"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=sft.id, method={"type": "dpo"})
+    assert info.value.body["param"] == "training_file"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [(sample_data.alpaca_json_array(), "alpaca.json"), (sample_data.sharegpt_jsonl(), "sg.jsonl")],
+)
+def test_llamafactory_formats_upload(client: OpenAI, data: bytes, name: str) -> None:
+    uploaded = client.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
+    assert job.status == "validating_files"
+
+
+def test_bad_requests_name_the_field(client: OpenAI) -> None:
+    f = client.files.create(file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(model="no-such-model", training_file=f.id)
+    assert info.value.body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=f.id, extra_body={"surprise": 1}
+        )
+    assert info.value.body["param"] == "surprise"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=f.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 500}}},
+        )
+    assert info.value.body["param"] == "method.supervised.hyperparameters.n_epochs"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=f.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"quantization": "4bit"}}},
+        )
+    assert "CUDA" in info.value.message
+
+
+def test_pagination(client: OpenAI) -> None:
+    f = client.files.create(file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune")
+    created = [client.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id).id for _ in range(5)]
+    first = client.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == created[::-1][:2]
+    assert first.has_more
+    everything = [j.id for j in client.fine_tuning.jobs.list(limit=2)]  # auto-paginates
+    assert everything == created[::-1]

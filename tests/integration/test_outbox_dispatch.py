@@ -1,0 +1,97 @@
+"""Outbox -> Redis: exactly one task message per job, even if the dispatcher dies mid-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import redis
+from sqlalchemy import select
+
+from api.outbox.dispatcher import dispatch_once
+from common.broker import make_publisher
+from common.jobs import RUN_JOB_TASK, TRAIN_QUEUE
+from models_db.models import OutboxMessage
+from models_db.session import make_engine, make_session_factory, transaction
+
+# Runs the dispatcher in a child process that dies (os._exit) right after the first publish,
+# before the row is marked: the worst moment.
+_KILLED_DISPATCHER = textwrap.dedent(
+    """
+    import os, sys
+    from api.outbox import dispatcher
+    from common.broker import make_publisher
+    from models_db.session import make_engine, make_session_factory
+
+    def die(*_a, **_k):
+        os._exit(9)
+
+    dispatcher.mark_published = die
+    factory = make_session_factory(make_engine(sys.argv[1]))
+    dispatcher.dispatch_once(factory, make_publisher(sys.argv[2]))
+    """
+)
+
+
+def _messages(client: redis.Redis, queue: str) -> list[dict[str, object]]:
+    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]  # type: ignore[union-attr]
+
+
+def test_one_message_per_job_even_when_dispatcher_killed(fresh_database, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    # Its own database and Redis database: no other dispatcher may touch these rows.
+    migrated_db = fresh_database(migrate=True)
+    url = redis_url.rsplit("/", 1)[0] + "/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    engine = make_engine(migrated_db)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        rows = [OutboxMessage(task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[f"ftjob-test{i}"]) for i in range(3)]
+        session.add_all(rows)
+    ids = [r.id for r in rows]
+
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_DISPATCHER, migrated_db, url],
+        env={**os.environ}, capture_output=True, text=True, timeout=60,
+    )
+    assert child.returncode == 9, child.stderr
+    assert client.llen(TRAIN_QUEUE) == 1  # published, never marked
+
+    while dispatch_once(factory, make_publisher(url)):
+        pass
+    with transaction(factory) as session:
+        published = session.scalars(select(OutboxMessage.published_at).where(OutboxMessage.id.in_(ids))).all()
+    assert all(published)
+    messages = _messages(client, TRAIN_QUEUE)
+    job_ids = sorted(m["headers"]["argsrepr"] for m in messages)  # type: ignore[index]
+    assert len(messages) == 3, job_ids
+    assert len(set(job_ids)) == 3
+    assert all(m["headers"]["task"] == RUN_JOB_TASK for m in messages)  # type: ignore[index]
+    client.flushdb()
+    engine.dispose()
+
+
+def test_api_job_create_reaches_the_broker(api_server, make_tenant, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import httpx
+
+    from tests import sample_data
+
+    creds = make_tenant()
+    client = redis.Redis.from_url(redis_url)
+    with httpx.Client(base_url=api_server.base_url, headers={"Authorization": f"Bearer {creds.api_key}"}) as http:
+        file_id = http.post(
+            "/v1/files", files={"file": ("t.jsonl", sample_data.chat_jsonl())}, data={"purpose": "fine-tune"}
+        ).json()["id"]
+        job_id = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}).json()["id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [m for m in _messages(client, TRAIN_QUEUE) if job_id in str(m["headers"]["argsrepr"])]  # type: ignore[index]
+        if found:
+            break
+        time.sleep(0.1)
+    assert len(found) == 1
