@@ -13,7 +13,7 @@ from api.catalog.router import router as models_router
 from api.errors import install_error_handlers
 from api.files.router import router as files_router
 from api.fine_tuning.router import router as jobs_router
-from api.middleware import RequestLimitsMiddleware, RequestContextMiddleware
+from api.middleware import RequestContextMiddleware, RequestLimitsMiddleware
 from api.ops.router import router as ops_router
 from api.outbox.dispatcher import Dispatcher
 from api.services import Services

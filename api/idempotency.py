@@ -36,7 +36,9 @@ def _replay(row: IdempotencyKey, expected: str) -> JSONResponse:
             param="Idempotency-Key",
             code="idempotency_key_reused",
         )
-    return JSONResponse(row.response, status_code=row.status_code, headers={"Idempotent-Replayed": "true"})
+    return JSONResponse(
+        row.response, status_code=row.status_code, headers={"Idempotent-Replayed": "true"}
+    )
 
 
 def run_idempotent(

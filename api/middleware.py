@@ -10,6 +10,7 @@ import json
 import logging
 import secrets
 import time
+
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,9 +19,7 @@ from common.logging import request_id_var
 
 log = logging.getLogger("loraplex.access")
 
-REQUESTS = Counter(
-    "loraplex_http_requests_total", "HTTP requests", ["method", "route", "status"]
-)
+REQUESTS = Counter("loraplex_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
     "loraplex_http_request_duration_seconds",
     "HTTP request latency",
@@ -40,8 +39,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else (
-            "req_" + secrets.token_hex(12)
+        request_id = (
+            incoming
+            if 0 < len(incoming) <= 64 and incoming.isprintable()
+            else ("req_" + secrets.token_hex(12))
         )
         token = request_id_var.set(request_id)
         start = time.perf_counter()
@@ -53,7 +54,8 @@ class RequestContextMiddleware:
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [
-                    *message["headers"], (b"x-request-id", request_id.encode("latin-1"))
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
                 ]
             await send(message)
 
@@ -94,14 +96,18 @@ class RequestLimitsMiddleware:
     async def _refuse(self, send: Send, limit: int, is_upload: bool) -> None:
         if is_upload:
             body = error_body(
-                f"File is over the size limit of this service ({limit} bytes with form "
-                "overhead).", "invalid_request_error", "file", "file_too_large",
+                f"File is over the size limit of this service ({limit} bytes with form overhead).",
+                "invalid_request_error",
+                "file",
+                "file_too_large",
             )
             status = 400
         else:
             body = error_body(
                 f"Request body is over the limit of {limit} bytes.",
-                "invalid_request_error", None, "request_too_large",
+                "invalid_request_error",
+                None,
+                "request_too_large",
             )
             status = 413
         payload = json.dumps(body).encode()

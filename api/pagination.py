@@ -28,4 +28,6 @@ def page(
 
 def check_cursor(after: str | None) -> None:
     if after is not None and not is_plausible_id(after):
-        raise BadRequest("Invalid 'after' cursor: pass the id of the last object you received.", param="after")
+        raise BadRequest(
+            "Invalid 'after' cursor: pass the id of the last object you received.", param="after"
+        )

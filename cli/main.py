@@ -120,7 +120,10 @@ def create_key(tenant: str, name: str, scopes: str) -> None:
             if found is None:
                 raise click.ClickException(f"no tenant {tenant!r}")
             created = create_api_key(
-                session, settings.secret_key, found, name=name,
+                session,
+                settings.secret_key,
+                found,
+                name=name,
                 scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()),
             )
     except TenancyError as exc:
@@ -197,17 +200,19 @@ def validate(path: Path, fmt: str | None) -> None:
     from common.datasets import DatasetError, DatasetFormat, validate_path
 
     try:
-        summary = validate_path(
-            path, limits_from(_settings()), DatasetFormat(fmt) if fmt else None
-        )
+        summary = validate_path(path, limits_from(_settings()), DatasetFormat(fmt) if fmt else None)
     except DatasetError as err:
         click.echo(json.dumps({"valid": False, "code": err.code, "line": err.line}), err=False)
         click.echo(f"error: {err.message}", err=True)
         sys.exit(1)
     click.echo(
         json.dumps(
-            {"valid": True, "format": summary.format.value, "examples": summary.examples,
-             "bytes": summary.bytes}
+            {
+                "valid": True,
+                "format": summary.format.value,
+                "examples": summary.examples,
+                "bytes": summary.bytes,
+            }
         )
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Engine
+
 from models_db.models import Base
 from models_db.session import make_engine
 

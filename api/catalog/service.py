@@ -67,8 +67,12 @@ def register_base_model(
         row.source, row.context_length, row.info, row.enabled = source, length, info, True
     session.add(
         AuditLogEntry(
-            tenant_id=None, actor="cli", action="base_model.register",
-            target_type="base_model", target_id=name, data={"source": source},
+            tenant_id=None,
+            actor="cli",
+            action="base_model.register",
+            target_type="base_model",
+            target_id=name,
+            data={"source": source},
         )
     )
     session.flush()
@@ -113,8 +117,12 @@ def retire_model(session: Session, principal: Principal, model_id: str) -> str:
     tuned.retired_at = now_ts()
     session.add(
         AuditLogEntry(
-            tenant_id=principal.tenant_id, actor=principal.actor, action="model.retire",
-            target_type="model", target_id=model_id, data=None,
+            tenant_id=principal.tenant_id,
+            actor=principal.actor,
+            action="model.retire",
+            target_type="model",
+            target_id=model_id,
+            data=None,
         )
     )
     session.flush()

@@ -50,7 +50,7 @@ async def create_file(
     principal: FinetunePrincipal,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    """Upload a dataset file (JSONL or JSON array) for fine-tuning; it is validated as it streams."""
+    """Upload a dataset file (JSONL or JSON array); it is validated as it streams."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadRequest("Expected a multipart/form-data body with 'file' and 'purpose'.")
     # The body is spooled to a temporary file (never held in memory), then streamed on.
@@ -67,8 +67,14 @@ async def create_file(
 
     def produce() -> tuple[int, dict[str, object]]:
         row = service.create_file(
-            session, services.storage, services.settings, principal,
-            source=upload.file, size=upload.size, filename=upload.filename, purpose=purpose,
+            session,
+            services.storage,
+            services.settings,
+            principal,
+            source=upload.file,
+            size=upload.size,
+            filename=upload.filename,
+            purpose=purpose,
         )
         return 200, FileObject.of(row).model_dump()
 

@@ -113,8 +113,11 @@ def create_file(
     )
     session.add(
         AuditLogEntry(
-            tenant_id=principal.tenant_id, actor=principal.actor, action="file.create",
-            target_type="file", target_id=file_id,
+            tenant_id=principal.tenant_id,
+            actor=principal.actor,
+            action="file.create",
+            target_type="file",
+            target_id=file_id,
             data={"bytes": stored.size, "format": summary.format.value},
         )
     )
@@ -136,8 +139,12 @@ def delete_file(
     row.deleted_at = now_ts()
     session.add(
         AuditLogEntry(
-            tenant_id=principal.tenant_id, actor=principal.actor, action="file.delete",
-            target_type="file", target_id=file_id, data=None,
+            tenant_id=principal.tenant_id,
+            actor=principal.actor,
+            action="file.delete",
+            target_type="file",
+            target_id=file_id,
+            data=None,
         )
     )
     session.flush()

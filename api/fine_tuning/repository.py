@@ -30,7 +30,9 @@ class JobRepository(TenantScopedRepository[FineTuningJob]):
 class JobEventRepository(TenantScopedRepository[JobEvent]):
     model = JobEvent
 
-    def list(self, job_id: str, *, after: str | None, limit: int) -> tuple[Sequence[JobEvent], bool]:
+    def list(
+        self, job_id: str, *, after: str | None, limit: int
+    ) -> tuple[Sequence[JobEvent], bool]:
         stmt = self.select().where(JobEvent.job_id == job_id)
         check_cursor(after)
         if after:

@@ -82,7 +82,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=FineTuningJobObject)
-def retrieve_job(job_id: str, session: SessionDep, principal: FinetunePrincipal) -> FineTuningJobObject:
+def retrieve_job(
+    job_id: str, session: SessionDep, principal: FinetunePrincipal
+) -> FineTuningJobObject:
     """Retrieve one job."""
     return service.to_object(service.get_job(session, principal, job_id))
 
@@ -101,8 +103,11 @@ def cancel_job(
         return 200, service.to_object(job).model_dump(mode="json")
 
     return run_idempotent(
-        session, principal.tenant_id, idempotency_key,
-        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", None), produce,
+        session,
+        principal.tenant_id,
+        idempotency_key,
+        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", None),
+        produce,
     )
 
 
@@ -121,8 +126,12 @@ def list_events(
     )
     data = [
         JobEventObject(
-            id=e.id, created_at=e.created_at, level=e.level,  # type: ignore[arg-type]
-            message=e.message, type=e.type, data=e.data,  # type: ignore[arg-type]
+            id=e.id,
+            created_at=e.created_at,
+            level=e.level,
+            message=e.message,
+            type=e.type,
+            data=e.data,
         )
         for e in rows
     ]
@@ -155,6 +164,8 @@ def list_checkpoints(
         for c in rows
     ]
     return CheckpointList(
-        data=data, has_more=has_more,
-        first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
     )

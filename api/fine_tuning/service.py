@@ -48,8 +48,12 @@ def _resolve_method(request: CreateJobRequest) -> dict[str, Any]:
         )
     if method.type == "supervised":
         if method.dpo is not None:
-            raise BadRequest("method.dpo is only allowed when method.type is 'dpo'.", param="method.dpo")
-        sft = method.supervised.hyperparameters if method.supervised else SupervisedHyperparameters()
+            raise BadRequest(
+                "method.dpo is only allowed when method.type is 'dpo'.", param="method.dpo"
+            )
+        sft = (
+            method.supervised.hyperparameters if method.supervised else SupervisedHyperparameters()
+        )
         return {"type": "supervised", "supervised": {"hyperparameters": sft.model_dump()}}
     if method.supervised is not None:
         raise BadRequest(
@@ -60,13 +64,13 @@ def _resolve_method(request: CreateJobRequest) -> dict[str, Any]:
     return {"type": "dpo", "dpo": {"hyperparameters": dpo.model_dump()}}
 
 
-def _checked_file(
-    repo: FileRepository, file_id: str, param: str, method_type: str
-) -> File:
+def _checked_file(repo: FileRepository, file_id: str, param: str, method_type: str) -> File:
     row = repo.get_live(file_id)
     # Another tenant's file reads exactly like a missing one.
     if row is None:
-        raise BadRequest(f"Invalid file ID: {file_id} does not exist.", param=param, code="invalid_file")
+        raise BadRequest(
+            f"Invalid file ID: {file_id} does not exist.", param=param, code="invalid_file"
+        )
     if row.purpose != "fine-tune":
         raise BadRequest(f"File {file_id} does not have purpose 'fine-tune'.", param=param)
     if row.format not in _METHOD_FORMATS[method_type]:
@@ -151,8 +155,12 @@ def create_job(
                 task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[job.id], tenant_id=principal.tenant_id
             ),
             AuditLogEntry(
-                tenant_id=principal.tenant_id, actor=principal.actor, action="job.create",
-                target_type="fine_tuning_job", target_id=job.id, data={"model": base.id},
+                tenant_id=principal.tenant_id,
+                actor=principal.actor,
+                action="job.create",
+                target_type="fine_tuning_job",
+                target_id=job.id,
+                data={"model": base.id},
             ),
         ]
     )
@@ -195,12 +203,18 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTunin
     session.add_all(
         [
             JobEvent(
-                id=ids.new_id(ids.JOB_EVENT), tenant_id=principal.tenant_id, job_id=job.id,
+                id=ids.new_id(ids.JOB_EVENT),
+                tenant_id=principal.tenant_id,
+                job_id=job.id,
                 message=message,
             ),
             AuditLogEntry(
-                tenant_id=principal.tenant_id, actor=principal.actor, action="job.cancel",
-                target_type="fine_tuning_job", target_id=job.id, data=None,
+                tenant_id=principal.tenant_id,
+                actor=principal.actor,
+                action="job.cancel",
+                target_type="fine_tuning_job",
+                target_id=job.id,
+                data=None,
             ),
         ]
     )
@@ -226,7 +240,7 @@ def to_object(job: FineTuningJob) -> FineTuningJobObject:
         organization_id=job.tenant_id,
         result_files=[],
         seed=job.seed,
-        status=job.status,  # type: ignore[arg-type]
+        status=job.status,
         trained_tokens=job.trained_tokens,
         training_file=job.training_file_id,
         validation_file=job.validation_file_id,

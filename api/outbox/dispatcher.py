@@ -49,9 +49,7 @@ def mark_published(session: Session, row_id: int) -> None:
     )
 
 
-def dispatch_once(
-    factory: sessionmaker[Session], publisher: Celery, batch_size: int = 100
-) -> int:
+def dispatch_once(factory: sessionmaker[Session], publisher: Celery, batch_size: int = 100) -> int:
     """Publish one batch of pending rows; returns how many were published."""
     published = 0
     with factory() as session, session.begin():

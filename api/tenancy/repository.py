@@ -23,7 +23,9 @@ class TenantRepository:
         ).first()
 
     def slug_taken(self, slug: str) -> bool:
-        return self.session.scalars(select(Tenant.id).where(Tenant.slug == slug)).first() is not None
+        return (
+            self.session.scalars(select(Tenant.id).where(Tenant.slug == slug)).first() is not None
+        )
 
     def add(self, tenant: Tenant) -> Tenant:
         self.session.add(tenant)

@@ -53,17 +53,19 @@ def create_tenant(session: Session, name: str, slug: str | None = None) -> Tenan
         raise TenancyError("tenant name must be 1-200 characters")
     slug = slug or slugify(name)
     if not _SLUG_RE.match(slug):
-        raise TenancyError(
-            f"invalid slug {slug!r}: use 3-40 lowercase letters, digits and dashes"
-        )
+        raise TenancyError(f"invalid slug {slug!r}: use 3-40 lowercase letters, digits and dashes")
     repo = TenantRepository(session)
     if repo.slug_taken(slug):
         raise TenancyError(f"slug {slug!r} is already taken")
     tenant = repo.add(Tenant(id=ids.new_id(ids.TENANT), name=name, slug=slug))
     session.add(
         AuditLogEntry(
-            tenant_id=tenant.id, actor="cli", action="tenant.create",
-            target_type="tenant", target_id=tenant.id, data={"slug": slug},
+            tenant_id=tenant.id,
+            actor="cli",
+            action="tenant.create",
+            target_type="tenant",
+            target_id=tenant.id,
+            data={"slug": slug},
         )
     )
     session.flush()
@@ -96,8 +98,12 @@ def create_api_key(
     )
     session.add(
         AuditLogEntry(
-            tenant_id=tenant.id, actor=actor, action="api_key.create",
-            target_type="api_key", target_id=key.id, data={"scopes": key.scopes},
+            tenant_id=tenant.id,
+            actor=actor,
+            action="api_key.create",
+            target_type="api_key",
+            target_id=key.id,
+            data={"scopes": key.scopes},
         )
     )
     session.flush()
@@ -109,8 +115,12 @@ def revoke_api_key(session: Session, tenant_id: str, key_id: str, actor: str) ->
     if revoked:
         session.add(
             AuditLogEntry(
-                tenant_id=tenant_id, actor=actor, action="api_key.revoke",
-                target_type="api_key", target_id=key_id, data=None,
+                tenant_id=tenant_id,
+                actor=actor,
+                action="api_key.revoke",
+                target_type="api_key",
+                target_id=key_id,
+                data=None,
             )
         )
     return revoked

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models_db.base import BigIntPK, Base, TenantOwned
+from models_db.base import Base, BigIntPK, TenantOwned
 
 
 class FineTuningJob(Base, TenantOwned):

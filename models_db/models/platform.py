@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models_db.base import BigIntPK, Base, Timestamped
+from models_db.base import Base, BigIntPK, Timestamped
 
 
 class OutboxMessage(Base, Timestamped):

@@ -1,4 +1,4 @@
-"""Every file of the bad-input corpus is refused with a 400 naming line and reason; nothing is stored."""
+"""Each file of the bad-input corpus gets a 400 naming line and reason; nothing is stored."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def _stored_keys(api: RunningApi, tenant_id: str) -> list[str]:
     s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name="us-east-1")  # type: ignore[attr-defined]
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/tenants/{tenant_id}/")
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    return [o["Key"] for o in listed.get("Contents", [])] + [u["Key"] for u in uploads if tenant_id in u["Key"]]
+    return [o["Key"] for o in listed.get("Contents", [])] + [
+        u["Key"] for u in uploads if tenant_id in u["Key"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,12 @@ def test_bad_file_is_refused(api_server: RunningApi, tenant, name: str) -> None:
     if spec.get("limits"):
         pytest.skip("needs non-default limits; covered by the validator's unit tests")
     data = (CORPUS / name).read_bytes()
-    with httpx.Client(base_url=api_server.base_url, headers={"Authorization": f"Bearer {tenant.api_key}"}) as http:
-        response = http.post("/v1/files", files={"file": (name, data)}, data={"purpose": "fine-tune"})
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {tenant.api_key}"}
+    ) as http:
+        response = http.post(
+            "/v1/files", files={"file": (name, data)}, data={"purpose": "fine-tune"}
+        )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == spec["code"], error
@@ -52,10 +58,18 @@ def test_bad_file_is_refused(api_server: RunningApi, tenant, name: str) -> None:
 
 def test_oversized_upload_is_refused_without_storing(api_server: RunningApi, tenant) -> None:  # type: ignore[no-untyped-def]
     limit = api_server.settings.max_file_bytes  # type: ignore[attr-defined]
-    line = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "' + b"x" * 1000 + b'"}]}\n'
+    line = (
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "'
+        + b"x" * 1000
+        + b'"}]}\n'
+    )
     data = line * (limit // len(line) + 2)
-    with httpx.Client(base_url=api_server.base_url, headers={"Authorization": f"Bearer {tenant.api_key}"}) as http:
-        response = http.post("/v1/files", files={"file": ("big.jsonl", data)}, data={"purpose": "fine-tune"})
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {tenant.api_key}"}
+    ) as http:
+        response = http.post(
+            "/v1/files", files={"file": ("big.jsonl", data)}, data={"purpose": "fine-tune"}
+        )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "file_too_large"
     assert _stored_keys(api_server, tenant.tenant_id) == []

@@ -20,7 +20,9 @@ def test_upgrade_downgrade_upgrade_and_no_drift(fresh_database) -> None:  # type
     migrations.upgrade(url)
     migrations.upgrade(url)  # idempotent
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
     engine.dispose()
     assert diff == [], f"models and migrations differ: {diff}"
     assert set(Base.metadata.tables) <= set(inspect(make_engine(url)).get_table_names())

@@ -69,15 +69,22 @@ def test_fine_tuning_lifecycle(client: OpenAI) -> None:
 
 
 def test_dpo_job_on_dpo_file_and_mismatch(client: OpenAI) -> None:
-    dpo = client.files.create(file=("p.jsonl", io.BytesIO(sample_data.dpo_jsonl())), purpose="fine-tune")
-    sft = client.files.create(file=("s.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune")
+    dpo = client.files.create(
+        file=("p.jsonl", io.BytesIO(sample_data.dpo_jsonl())), purpose="fine-tune"
+    )
+    sft = client.files.create(
+        file=("s.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune"
+    )
     job = client.fine_tuning.jobs.create(
-        model="tiny-llama", training_file=dpo.id,
+        model="tiny-llama",
+        training_file=dpo.id,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
     )
     assert job.method is not None and job.method.type == "dpo"
     with pytest.raises(openai.BadRequestError) as info:
-        client.fine_tuning.jobs.create(model="tiny-llama", training_file=sft.id, method={"type": "dpo"})
+        client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=sft.id, method={"type": "dpo"}
+        )
     assert info.value.body["param"] == "training_file"  # type: ignore[index]
 
 
@@ -92,7 +99,9 @@ def test_llamafactory_formats_upload(client: OpenAI, data: bytes, name: str) -> 
 
 
 def test_bad_requests_name_the_field(client: OpenAI) -> None:
-    f = client.files.create(file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune")
+    f = client.files.create(
+        file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune"
+    )
     with pytest.raises(openai.BadRequestError) as info:
         client.fine_tuning.jobs.create(model="no-such-model", training_file=f.id)
     assert info.value.body["param"] == "model"  # type: ignore[index]
@@ -103,21 +112,30 @@ def test_bad_requests_name_the_field(client: OpenAI) -> None:
     assert info.value.body["param"] == "surprise"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.fine_tuning.jobs.create(
-            model="tiny-llama", training_file=f.id,
+            model="tiny-llama",
+            training_file=f.id,
             method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 500}}},
         )
     assert info.value.body["param"] == "method.supervised.hyperparameters.n_epochs"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.fine_tuning.jobs.create(
-            model="tiny-llama", training_file=f.id,
-            method={"type": "supervised", "supervised": {"hyperparameters": {"quantization": "4bit"}}},
+            model="tiny-llama",
+            training_file=f.id,
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"quantization": "4bit"}},
+            },
         )
     assert "CUDA" in info.value.message
 
 
 def test_pagination(client: OpenAI) -> None:
-    f = client.files.create(file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune")
-    created = [client.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id).id for _ in range(5)]
+    f = client.files.create(
+        file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune"
+    )
+    created = [
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id).id for _ in range(5)
+    ]
     first = client.fine_tuning.jobs.list(limit=2)
     assert [j.id for j in first.data] == created[::-1][:2]
     assert first.has_more

@@ -49,13 +49,19 @@ def test_one_message_per_job_even_when_dispatcher_killed(fresh_database, redis_u
     engine = make_engine(migrated_db)
     factory = make_session_factory(engine)
     with transaction(factory) as session:
-        rows = [OutboxMessage(task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[f"ftjob-test{i}"]) for i in range(3)]
+        rows = [
+            OutboxMessage(task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[f"ftjob-test{i}"])
+            for i in range(3)
+        ]
         session.add_all(rows)
     ids = [r.id for r in rows]
 
     child = subprocess.run(
         [sys.executable, "-c", _KILLED_DISPATCHER, migrated_db, url],
-        env={**os.environ}, capture_output=True, text=True, timeout=60,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert child.returncode == 9, child.stderr
     assert client.llen(TRAIN_QUEUE) == 1  # published, never marked
@@ -63,7 +69,9 @@ def test_one_message_per_job_even_when_dispatcher_killed(fresh_database, redis_u
     while dispatch_once(factory, make_publisher(url)):
         pass
     with transaction(factory) as session:
-        published = session.scalars(select(OutboxMessage.published_at).where(OutboxMessage.id.in_(ids))).all()
+        published = session.scalars(
+            select(OutboxMessage.published_at).where(OutboxMessage.id.in_(ids))
+        ).all()
     assert all(published)
     messages = _messages(client, TRAIN_QUEUE)
     job_ids = sorted(m["headers"]["argsrepr"] for m in messages)  # type: ignore[index]
@@ -83,14 +91,22 @@ def test_api_job_create_reaches_the_broker(api_server, make_tenant, redis_url: s
 
     creds = make_tenant()
     client = redis.Redis.from_url(redis_url)
-    with httpx.Client(base_url=api_server.base_url, headers={"Authorization": f"Bearer {creds.api_key}"}) as http:
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {creds.api_key}"}
+    ) as http:
         file_id = http.post(
-            "/v1/files", files={"file": ("t.jsonl", sample_data.chat_jsonl())}, data={"purpose": "fine-tune"}
+            "/v1/files",
+            files={"file": ("t.jsonl", sample_data.chat_jsonl())},
+            data={"purpose": "fine-tune"},
         ).json()["id"]
-        job_id = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}).json()["id"]
+        job_id = http.post(
+            "/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}
+        ).json()["id"]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = [m for m in _messages(client, TRAIN_QUEUE) if job_id in str(m["headers"]["argsrepr"])]  # type: ignore[index]
+        found = [
+            m for m in _messages(client, TRAIN_QUEUE) if job_id in str(m["headers"]["argsrepr"])
+        ]  # type: ignore[index]
         if found:
             break
         time.sleep(0.1)

@@ -6,11 +6,12 @@ schemathesis pytest plugin, so that failures of every operation are collected in
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import schemathesis
-from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from tests.conftest import RunningApi
 
@@ -33,7 +34,7 @@ def test_openapi_fuzz(api_server: RunningApi, make_tenant) -> None:  # type: ign
             database=None,
         )
         @given(case=operation.as_strategy())
-        def fuzz(case: Any) -> None:
+        def fuzz(case: Any, label: str = operation.label) -> None:
             try:
                 case.call_and_validate(
                     base_url=api_server.base_url,
@@ -43,12 +44,11 @@ def test_openapi_fuzz(api_server: RunningApi, make_tenant) -> None:  # type: ign
                     excluded_checks=[positive_data_acceptance],
                 )
             except Exception as exc:
-                failures.append(f"{operation.label}: {exc}")
+                failures.append(f"{label}: {exc}")
                 raise
 
-        try:
+        # Failures are collected above and reported together below.
+        with contextlib.suppress(Exception):
             fuzz()
-        except Exception:  # noqa: S110 - collected in `failures`, reported below
-            pass
     assert operations >= 12
     assert not failures, "\n\n".join(failures[:8])

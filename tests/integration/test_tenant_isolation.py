@@ -48,12 +48,18 @@ def _populate(api: RunningApi, creds: TenantCreds) -> Owned:
         row.status, row.fine_tuned_model = "succeeded", model_id
         session.add(
             FineTunedModel(
-                id=model_id, tenant_id=creds.tenant_id, job_id=job_id, base_model_id="tiny-llama",
-                storage_prefix=f"tenants/{creds.tenant_id}/models/x", manifest_sha256="0" * 64,
+                id=model_id,
+                tenant_id=creds.tenant_id,
+                job_id=job_id,
+                base_model_id="tiny-llama",
+                storage_prefix=f"tenants/{creds.tenant_id}/models/x",
+                manifest_sha256="0" * 64,
                 lora_rank=8,
             )
         )
-    return Owned(creds, file_id, job_id, model_id, (creds.tenant_id, file_id, job_id, model_id, creds.slug))
+    return Owned(
+        creds, file_id, job_id, model_id, (creds.tenant_id, file_id, job_id, model_id, creds.slug)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +130,17 @@ def test_isolation_matrix(api_server: RunningApi, world) -> None:  # type: ignor
                 target = b if caller == "other" else a
                 fill = {"file": target.file_id, "job": target.job_id, "model": target.model_id}
                 path = template.format(**fill)
-                payload = json.loads(json.dumps(body).replace("{file}", target.file_id)) if body else None
+                payload = (
+                    json.loads(json.dumps(body).replace("{file}", target.file_id)) if body else None
+                )
                 headers = {"Authorization": f"Bearer {keys[caller]}"} if keys[caller] else {}
                 response = http.request(method, path, json=payload, headers=headers)
                 want = _expected(method, template, in_path, caller)
                 if response.status_code != want:
-                    failures.append(f"{caller:12} {method} {template}: {response.status_code} != {want}: {response.text[:200]}")
+                    failures.append(
+                        f"{caller:12} {method} {template}: {response.status_code} != {want}: "
+                        + response.text[:200]
+                    )
                 if response.status_code >= 400:
                     err = response.json()["error"]
                     assert set(err) == {"message", "type", "param", "code"}
@@ -143,11 +154,18 @@ def test_isolation_matrix(api_server: RunningApi, world) -> None:  # type: ignor
 
 def test_other_tenants_ids_never_listed(api_server: RunningApi, world) -> None:  # type: ignore[no-untyped-def]
     a, b = world
-    with httpx.Client(base_url=api_server.base_url, headers={"Authorization": f"Bearer {a.creds.api_key}"}) as http:
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {a.creds.api_key}"}
+    ) as http:
         for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models"):
             text = http.get(path).text
             for secret in b.secrets:
                 assert secret not in text, (path, secret)
         # Cursor values from another tenant reveal nothing either.
         assert http.get("/v1/fine_tuning/jobs", params={"after": b.job_id}).status_code == 200
-        assert http.get(f"/v1/fine_tuning/jobs/{a.job_id}/events", params={"after": "ftevent-x"}).json()["data"] == []
+        assert (
+            http.get(
+                f"/v1/fine_tuning/jobs/{a.job_id}/events", params={"after": "ftevent-x"}
+            ).json()["data"]
+            == []
+        )
