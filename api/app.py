@@ -15,11 +15,11 @@ from api.files.router import router as files_router
 from api.fine_tuning.router import router as jobs_router
 from api.middleware import RequestContextMiddleware, RequestLimitsMiddleware
 from api.ops.router import router as ops_router
-from api.outbox.dispatcher import Dispatcher
 from api.services import Services
 from api.settings import APISettings
 from common.broker import make_publisher
 from common.logging import configure_logging
+from common.outbox import Dispatcher
 from common.storage import storage_from_url
 from models_db.models import OutboxMessage
 from models_db.session import make_engine, make_session_factory

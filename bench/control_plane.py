@@ -378,6 +378,52 @@ async def open_loop(
     return list(await asyncio.gather(*tasks))
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process has used (Linux; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot (Linux; None elsewhere)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+@dataclass
+class Resources:
+    """What the machine did during a measured window: a noise gauge and a cost per request."""
+
+    server_cpu_ms_per_request: float | None
+    machine_busy_pct: float | None
+    load_1m_before: float
+
+    @classmethod
+    def start(cls, pid: int) -> tuple[float | None, tuple[int, int] | None, float]:
+        return _process_cpu_s(pid), _machine_ticks(), os.getloadavg()[0]
+
+    @classmethod
+    def since(
+        cls, pid: int, mark: tuple[float | None, tuple[int, int] | None, float], requests: int
+    ) -> Resources:
+        cpu0, ticks0, load = mark
+        cpu1, ticks1 = _process_cpu_s(pid), _machine_ticks()
+        per_request = (
+            (cpu1 - cpu0) * 1000 / requests if cpu0 is not None and cpu1 is not None else None
+        )
+        busy = None
+        if ticks0 is not None and ticks1 is not None and ticks1[1] > ticks0[1]:
+            busy = 100 * (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
+        return cls(per_request, busy, load)
+
+
 def _percentile(ordered: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not ordered:
@@ -398,6 +444,7 @@ class Stats:
     mean_ms: float
     achieved_rps: float
     send_lag_p99_ms: float
+    resources: Resources | None = None
     rows_written: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -439,10 +486,14 @@ async def measure(
     ) as client:
         if args.warmup > 0:
             await open_loop(client, url, body, args.rate, args.warmup)
+        mark = Resources.start(server.process.pid)
         samples = await open_loop(client, url, body, args.rate, args.duration)
+        resources = Resources.since(server.process.pid, mark, len(samples))
     if server.process.poll() is not None:
         raise RuntimeError(f"{target} died during the run:\n{server.log_tail()}")
-    return summarise(target, samples)
+    stats = summarise(target, samples)
+    stats.resources = resources
+    return stats
 
 
 # --- the two targets ------------------------------------------------------------------------
@@ -462,7 +513,7 @@ def bench_floor(db_url: str, logs: Path, args: argparse.Namespace) -> Stats:
     return stats
 
 
-def _loraplex_env(db_url: str, redis_url: str, work: Path) -> dict[str, str]:
+def _loraplex_env(db_url: str, redis_url: str, work: Path, overrides: list[str]) -> dict[str, str]:
     return {
         **os.environ,
         "LORAPLEX_DATABASE_URL": db_url,
@@ -471,6 +522,7 @@ def _loraplex_env(db_url: str, redis_url: str, work: Path) -> dict[str, str]:
         "LORAPLEX_DATA_DIR": str(work / "data"),
         "LORAPLEX_SECRET_KEY": secrets.token_urlsafe(30)[:40],
         "LORAPLEX_LOG_LEVEL": "WARNING",
+        **dict(item.split("=", 1) for item in overrides),
     }
 
 
@@ -487,7 +539,7 @@ def _outbox_backlog(dsn: str, wait_s: float = 10.0) -> tuple[int, int]:
 
 
 def bench_loraplex(db_url: str, redis_url: str, work: Path, args: argparse.Namespace) -> Stats:
-    env = _loraplex_env(db_url, redis_url, work)
+    env = _loraplex_env(db_url, redis_url, work, args.loraplex_env)
     _cli(env, "migrate")
     _cli(env, "models", "build-tiny", str(work / "tiny"))
     _cli(env, "models", "register", "tiny-llama", "--source", str(work / "tiny"))
@@ -549,8 +601,16 @@ def report(results: list[Stats], args: argparse.Namespace) -> tuple[str, dict[st
             f"loraplex / floor: p50 {summary['ratio_p50']:.2f}x, p99 {summary['ratio_p99']:.2f}x"
         )
     for r in results:
+        res = r.resources
+        gauges = ""
+        if res is not None:
+            if res.server_cpu_ms_per_request is not None:
+                gauges += f"server CPU {res.server_cpu_ms_per_request:.1f} ms/request, "
+            if res.machine_busy_pct is not None:
+                gauges += f"machine CPU busy {res.machine_busy_pct:.0f}%, "
+            gauges += f"load average before {res.load_1m_before:.1f}, "
         lines.append(
-            f"{r.target}: client send lag p99 {_ms(r.send_lag_p99_ms)} ms, "
+            f"{r.target}: {gauges}client send lag p99 {_ms(r.send_lag_p99_ms)} ms, "
             f"rows in the database {r.rows_written}"
             + "".join(f", {k.replace('_', ' ')} {v}" for k, v in r.extra.items())
         )
@@ -573,6 +633,7 @@ def report(results: list[Stats], args: argparse.Namespace) -> tuple[str, dict[st
         "platform": platform.platform(),
         "python": platform.python_version(),
         "server": "uvicorn, 1 worker",
+        "loraplex_env": args.loraplex_env,
         "results": [{**asdict(r), "error_count": r.error_count} for r in results],
         **summary,
     }
@@ -600,6 +661,14 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"),
         help="Broker for loraplex; its train queue and outbox dedup keys are cleared.",
     )
+    parser.add_argument(
+        "--loraplex-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Extra environment for the loraplex processes, e.g. "
+        "LORAPLEX_DISPATCHER_ENABLED=false (repeatable; for experiments).",
+    )
     parser.add_argument("--strict", action="store_true", help="Exit 1 when a verdict fails.")
     parser.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -610,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets or set(targets) - {"floor", "loraplex"}:
         parser.error("--targets takes floor and/or loraplex")
+    if any("=" not in item for item in args.loraplex_env):
+        parser.error("--loraplex-env takes NAME=VALUE")
 
     # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the database dropped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

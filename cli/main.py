@@ -54,6 +54,28 @@ def api(host: str | None, port: int | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--queues",
+    default="train,default",
+    show_default=True,
+    help="Comma-separated queues: train (fine-tuning) and/or default (validation, webhooks).",
+)
+def worker(queues: str) -> None:
+    """Run a worker: one job at a time, with the outbox dispatcher and the lease reaper."""
+    from workers.celery_app import run_worker
+    from workers.settings import WorkerSettings
+
+    try:
+        settings = WorkerSettings()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from common.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.json_logs)
+    run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()])
+
+
+@main.command()
 @click.option("--port", default=8000, type=int, show_default=True)
 def up(port: int) -> None:
     """Run loraplex on embedded defaults, setting up what is missing on first start."""

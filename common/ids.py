@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -23,10 +24,26 @@ def _encode(value: int, length: int) -> str:
     return "".join(reversed(chars))
 
 
+_lock = threading.Lock()
+_last: tuple[int, int] = (0, 0)
+
+
 def new_id(prefix: str) -> str:
-    """Return ``prefix`` followed by a time-ordered random suffix, e.g. ``file-01jd…``."""
-    millis = time.time_ns() // 1_000_000
-    return prefix + _encode(millis, 10) + _encode(secrets.randbits(80), 16)
+    """Return ``prefix`` followed by a time-ordered random suffix, e.g. ``file-01jd…``.
+
+    Within one process ids are strictly increasing, even inside one millisecond (the random
+    part of the previous id is incremented), so "created after" and "sorts after" agree.
+    """
+    global _last
+    with _lock:
+        millis = time.time_ns() // 1_000_000
+        last_millis, last_random = _last
+        if millis <= last_millis:
+            millis, random_part = last_millis, last_random + 1
+        else:
+            random_part = secrets.randbits(79)  # headroom: increments never wrap
+        _last = (millis, random_part)
+    return prefix + _encode(millis, 10) + _encode(random_part, 16)
 
 
 def short_id(length: int = 8) -> str:

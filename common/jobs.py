@@ -9,6 +9,9 @@ from enum import StrEnum
 
 TRAIN_QUEUE = "train"
 DEFAULT_QUEUE = "default"
+# Tokenize and check a new job's files, resolve "auto" hyperparameters, then queue it.
+VALIDATE_JOB_TASK = "loraplex.fine_tuning.validate_job"
+# Wake a training worker: it claims the next job by fair scheduling (not necessarily this one).
 RUN_JOB_TASK = "loraplex.fine_tuning.run_job"
 
 

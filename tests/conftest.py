@@ -60,6 +60,20 @@ def pg_database() -> Iterator[str]:
         _drop_database(name)
 
 
+@pytest.fixture(scope="session")
+def fresh_database_session() -> Iterator[str]:
+    """A second migrated Postgres database for the whole session (the training stack's)."""
+    import migrations
+
+    name = _create_database()
+    url = _sa_url(name)
+    migrations.upgrade(url)
+    try:
+        yield url
+    finally:
+        _drop_database(name)
+
+
 @pytest.fixture
 def fresh_database():  # type: ignore[no-untyped-def]
     """Factory for extra empty (or migrated) Postgres databases, dropped after the test."""

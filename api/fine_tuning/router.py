@@ -111,6 +111,50 @@ def cancel_job(
     )
 
 
+@router.post("/{job_id}/pause", response_model=FineTuningJobObject)
+def pause_job(
+    job_id: str,
+    session: SessionDep,
+    principal: FinetunePrincipal,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Pause a job: a running one saves a checkpoint and frees its worker."""
+
+    def produce() -> tuple[int, dict[str, object]]:
+        job = service.pause_job(session, principal, job_id)
+        return 200, service.to_object(job).model_dump(mode="json")
+
+    return run_idempotent(
+        session,
+        principal.tenant_id,
+        idempotency_key,
+        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/pause", None),
+        produce,
+    )
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJobObject)
+def resume_job(
+    job_id: str,
+    session: SessionDep,
+    principal: FinetunePrincipal,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Resume a paused job from its checkpoint."""
+
+    def produce() -> tuple[int, dict[str, object]]:
+        job = service.resume_job(session, principal, job_id)
+        return 200, service.to_object(job).model_dump(mode="json")
+
+    return run_idempotent(
+        session,
+        principal.tenant_id,
+        idempotency_key,
+        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/resume", None),
+        produce,
+    )
+
+
 @router.get("/{job_id}/events", response_model=JobEventList)
 def list_events(
     job_id: str,

@@ -26,7 +26,14 @@ from api.fine_tuning.schemas import (
 from api.settings import APISettings
 from api.tenancy.service import Principal
 from common import ids
-from common.jobs import RUN_JOB_TASK, TERMINAL_STATUSES, TRAIN_QUEUE, JobStatus
+from common.jobs import (
+    DEFAULT_QUEUE,
+    RUN_JOB_TASK,
+    TERMINAL_STATUSES,
+    TRAIN_QUEUE,
+    VALIDATE_JOB_TASK,
+    JobStatus,
+)
 from models_db.base import now_ts
 from models_db.models import AuditLogEntry, File, FineTuningJob, JobEvent, OutboxMessage
 
@@ -152,7 +159,10 @@ def create_job(
                 message=f"Created fine-tuning job: {job.id}",
             ),
             OutboxMessage(
-                task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[job.id], tenant_id=principal.tenant_id
+                task=VALIDATE_JOB_TASK,
+                queue=DEFAULT_QUEUE,
+                args=[job.id],
+                tenant_id=principal.tenant_id,
             ),
             AuditLogEntry(
                 tenant_id=principal.tenant_id,
@@ -177,9 +187,7 @@ def get_job(session: Session, principal: Principal, job_id: str) -> FineTuningJo
 
 def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
     """Cancel at once when no worker holds the job; otherwise flag it for the worker."""
-    job = JobRepository(session, principal.tenant_id).get_for_update(job_id)
-    if job is None:
-        raise NotFound(f"Could not find fine-tune: {job_id}", param="fine_tuning_job_id")
+    job = _locked(session, principal, job_id)
     if job.status == JobStatus.CANCELLED:
         return job
     if job.status in TERMINAL_STATUSES:
@@ -200,6 +208,67 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTunin
         job.finished_at = now
         job.cancel_requested_at = now
         message = "Fine-tuning job cancelled."
+    _record(session, principal, job, message, "job.cancel")
+    return job
+
+
+def pause_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
+    """Pause: a queued job at once; a running one checkpoints and releases its worker."""
+    job = _locked(session, principal, job_id)
+    if job.status == JobStatus.PAUSED or (
+        job.status == JobStatus.RUNNING and job.pause_requested_at is not None
+    ):
+        return job
+    if job.status == JobStatus.QUEUED:
+        job.status = JobStatus.PAUSED
+        message = "Job paused before it started; resume it to queue it again."
+    elif job.status == JobStatus.RUNNING:
+        job.pause_requested_at = now_ts()
+        message = "Pause requested; the worker saves a checkpoint and releases the job."
+    else:
+        raise BadRequest(
+            f"Job {job_id} is {job.status}; only queued or running jobs can be paused.",
+            param="fine_tuning_job_id",
+            code="job_not_pausable",
+        )
+    _record(session, principal, job, message, "job.pause")
+    return job
+
+
+def resume_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
+    """Resume a paused job: it is queued again and continues from its pause checkpoint."""
+    job = _locked(session, principal, job_id)
+    if job.status != JobStatus.PAUSED:
+        raise BadRequest(
+            f"Job {job_id} is {job.status}; only paused jobs can be resumed.",
+            param="fine_tuning_job_id",
+            code="job_not_paused",
+        )
+    job.status = JobStatus.QUEUED
+    job.pause_requested_at = None
+    session.add(
+        OutboxMessage(task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[job.id], tenant_id=job.tenant_id)
+    )
+    _record(
+        session,
+        principal,
+        job,
+        "Job resumed; queued to continue from its checkpoint.",
+        "job.resume",
+    )
+    return job
+
+
+def _locked(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
+    job = JobRepository(session, principal.tenant_id).get_for_update(job_id)
+    if job is None:
+        raise NotFound(f"Could not find fine-tune: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def _record(
+    session: Session, principal: Principal, job: FineTuningJob, message: str, action: str
+) -> None:
     session.add_all(
         [
             JobEvent(
@@ -211,7 +280,7 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTunin
             AuditLogEntry(
                 tenant_id=principal.tenant_id,
                 actor=principal.actor,
-                action="job.cancel",
+                action=action,
                 target_type="fine_tuning_job",
                 target_id=job.id,
                 data=None,
@@ -219,7 +288,6 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTunin
         ]
     )
     session.flush()
-    return job
 
 
 def to_object(job: FineTuningJob) -> FineTuningJobObject:

@@ -42,6 +42,10 @@ class FineTuningJob(Base, TenantOwned):
     lease_until: Mapped[int | None]
     cancel_requested_at: Mapped[int | None]
     pause_requested_at: Mapped[int | None]
+    # Nanosecond time of the latest claim: fair scheduling serves the tenant served longest ago.
+    claimed_at_ns: Mapped[int | None]
+    # What the validation stage produced: tokenized-data cache keys and their statistics.
+    artifacts: Mapped[dict[str, Any] | None]
 
 
 class JobEvent(Base, TenantOwned):

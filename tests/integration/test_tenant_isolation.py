@@ -80,6 +80,8 @@ ENDPOINTS = [
     ("GET", "/v1/fine_tuning/jobs/{job}/events", None, True),
     ("GET", "/v1/fine_tuning/jobs/{job}/checkpoints", None, True),
     ("POST", "/v1/fine_tuning/jobs/{job}/cancel", None, True),
+    ("POST", "/v1/fine_tuning/jobs/{job}/pause", None, True),
+    ("POST", "/v1/fine_tuning/jobs/{job}/resume", None, True),
     ("GET", "/v1/models", None, False),
     ("GET", "/v1/models/{model}", None, True),
     ("DELETE", "/v1/models/{model}", None, True),
@@ -95,7 +97,7 @@ def _expected(method: str, path: str, in_path: bool, caller: str) -> int:
     if caller == "wrong_scope":
         # The key holds only "inference": model listing is allowed, the rest is not.
         return 200 if path.startswith("/v1/models") and method == "GET" else 403
-    if caller == "own" and path.endswith("/cancel"):
+    if caller == "own" and path.endswith(("/cancel", "/pause", "/resume")):
         return 400  # the job already succeeded
     if caller == "other" and in_path:
         # Another tenant's file named in a body is a bad parameter, in a path a missing object.

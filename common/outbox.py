@@ -1,5 +1,7 @@
 """Publishes outbox rows to the broker after their transaction committed (DESIGN §5).
 
+Every process that writes outbox rows (the API, the workers) runs a :class:`Dispatcher`.
+
 A row is published, then marked. A crash between the two publishes the row again on the next
 pass; the broker layer makes that second publish a no-op on Redis (common.broker), and the
 consumers' atomic claim makes a duplicate harmless everywhere else.

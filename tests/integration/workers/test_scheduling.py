@@ -1,0 +1,165 @@
+"""Claims, fencing, fair scheduling and the reaper, on a real Postgres database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from common import ids
+from common.jobs import JobStatus
+from models_db.base import now_ts
+from models_db.models import BaseModel, File, FineTuningJob, JobEvent, OutboxMessage, Tenant
+from models_db.session import make_engine, make_session_factory, transaction
+from workers.jobs import repository as repo
+from workers.jobs.reaper import reap
+
+
+@pytest.fixture
+def factory(fresh_database) -> Iterator[sessionmaker[Session]]:  # type: ignore[no-untyped-def]
+    engine = make_engine(fresh_database(migrate=True))
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        session.add(BaseModel(id="m", source="/nowhere", context_length=512, info={}))
+    yield factory
+    engine.dispose()
+
+
+def _tenant(factory: sessionmaker[Session], slug: str, quota: int = 2) -> str:
+    with transaction(factory) as session:
+        tenant = Tenant(id=ids.new_id(ids.TENANT), name=slug, slug=slug, max_concurrent_jobs=quota)
+        session.add(tenant)
+        session.flush()
+        session.add(
+            File(
+                id=f"file-{slug}",
+                tenant_id=tenant.id,
+                filename="f",
+                purpose="fine-tune",
+                bytes=1,
+                sha256="0" * 64,
+                storage_key="k",
+                format="chat",
+                examples=10,
+            )
+        )
+    return tenant.id
+
+
+def _queue_jobs(factory: sessionmaker[Session], tenant_id: str, slug: str, n: int) -> list[str]:
+    created = []
+    with transaction(factory) as session:
+        for _ in range(n):
+            job = FineTuningJob(
+                id=ids.new_id(ids.JOB),
+                tenant_id=tenant_id,
+                base_model_id="m",
+                training_file_id=f"file-{slug}",
+                seed=1,
+                status=JobStatus.QUEUED,
+                method={"type": "supervised", "supervised": {"hyperparameters": {}}},
+            )
+            session.add(job)
+            created.append(job.id)
+    return created
+
+
+def _claim(factory: sessionmaker[Session], worker: str = "w") -> repo.Claim | None:
+    with transaction(factory) as session:
+        return repo.claim_next(session, worker, lease_seconds=60)
+
+
+def _finish(factory: sessionmaker[Session], claim: repo.Claim) -> None:
+    with transaction(factory) as session:
+        repo.finish(session, claim, JobStatus.SUCCEEDED)
+
+
+def test_fair_scheduling_serves_the_other_tenant_before_a_third_job(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    b = _tenant(factory, "tenant-b")
+    a_jobs = _queue_jobs(factory, a, "tenant-a", 10)
+    (b_job,) = _queue_jobs(factory, b, "tenant-b", 1)
+    # One worker, one job at a time: A, then B (A was served more recently), then A again.
+    order = []
+    for _ in range(3):
+        claim = _claim(factory)
+        assert claim is not None
+        order.append(claim.job_id)
+        _finish(factory, claim)
+    assert order == [a_jobs[0], b_job, a_jobs[1]]
+
+
+def test_fair_scheduling_with_two_workers(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    b = _tenant(factory, "tenant-b")
+    a_jobs = _queue_jobs(factory, a, "tenant-a", 10)
+    (b_job,) = _queue_jobs(factory, b, "tenant-b", 1)
+    first, second = _claim(factory, "w1"), _claim(factory, "w2")
+    assert first is not None and second is not None
+    assert {first.job_id, second.job_id} == {a_jobs[0], b_job}
+
+
+def test_tenant_quota_is_never_exceeded(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a", quota=2)
+    _queue_jobs(factory, a, "tenant-a", 5)
+    claims = [_claim(factory, f"w{i}") for i in range(4)]
+    assert sum(c is not None for c in claims) == 2
+    with transaction(factory) as session:
+        running = session.scalars(
+            select(FineTuningJob).where(FineTuningJob.status == JobStatus.RUNNING)
+        ).all()
+    assert len(running) == 2
+
+
+def test_zombie_writes_are_refused(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    zombie = _claim(factory, "zombie")
+    assert zombie is not None and zombie.attempt == 1
+    # The zombie's lease runs out; the reaper re-queues; another worker claims attempt 2.
+    with transaction(factory) as session:
+        session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
+    with transaction(factory) as session:
+        assert reap(session) == 1
+    winner = _claim(factory, "winner")
+    assert winner is not None and winner.attempt == 2
+    with pytest.raises(repo.LostJob), transaction(factory) as session:
+        repo.touch(session, zombie, 60)
+    with pytest.raises(repo.LostJob), transaction(factory) as session:
+        repo.finish(session, zombie, JobStatus.SUCCEEDED)
+    with transaction(factory) as session:
+        flags = repo.touch(session, winner, 60)
+        assert not flags.cancel_requested
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.worker_id == "winner" and job.status == JobStatus.RUNNING
+
+
+def test_duplicate_wakeups_make_one_run(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    _queue_jobs(factory, a, "tenant-a", 1)
+    assert _claim(factory, "w1") is not None
+    assert _claim(factory, "w2") is None  # the second delivery finds nothing to claim
+
+
+def test_reaper_fails_a_job_past_max_attempts(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    for attempt in range(1, 4):
+        claim = _claim(factory, f"w{attempt}")
+        assert claim is not None and claim.attempt == attempt
+        with transaction(factory) as session:
+            session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
+        with transaction(factory) as session:
+            reap(session)
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status == JobStatus.FAILED
+        assert job.error is not None and job.error["code"] == "worker_lost"
+        messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+        wakeups = session.scalars(
+            select(OutboxMessage).where(OutboxMessage.args[0].as_string() == job_id)
+        ).all()
+    assert any("re-queued" in m for m in messages)
+    assert len(wakeups) == 2  # after the first two losses, not after the last

@@ -1,0 +1,1 @@
+"""Job execution: claim, validate, run the training subprocess, checkpoint, publish."""

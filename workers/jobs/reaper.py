@@ -1,0 +1,57 @@
+"""The periodic reaper: re-queues jobs whose worker stopped heartbeating (DESIGN §5)."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from common.jobs import RUN_JOB_TASK, JobStatus
+from models_db.base import now_ts
+from models_db.models import OutboxMessage
+from workers.jobs.repository import add_event, enqueue_wakeup, expired_jobs, has_claimable_jobs
+
+log = logging.getLogger(__name__)
+
+
+def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
+    """Re-queue (or fail, past max_attempts) jobs with an expired lease; returns how many."""
+    now = now_ts()
+    handled = 0
+    for job in expired_jobs(session, now):
+        lost = job.worker_id or "unknown"
+        if job.attempt >= job.max_attempts:
+            job.status = JobStatus.FAILED
+            job.finished_at = now
+            job.error = {
+                "code": "worker_lost",
+                "message": f"The worker running this job stopped responding on each of "
+                f"{job.attempt} attempts; giving up.",
+                "param": None,
+            }
+            add_event(session, job, f"Worker {lost} stopped responding; job failed.", level="error")
+        else:
+            job.status = JobStatus.QUEUED
+            add_event(
+                session,
+                job,
+                f"Worker {lost} stopped responding; job re-queued to resume from its last "
+                f"checkpoint (attempt {job.attempt} of {job.max_attempts} used).",
+                level="warn",
+            )
+            enqueue_wakeup(session, job.tenant_id, job.id)
+        job.worker_id = None
+        job.lease_until = None
+        handled += 1
+    if handled == 0 and has_claimable_jobs(session):
+        # Jobs can wait for capacity (a tenant quota, busy workers) after their wake-up
+        # message was consumed; make sure some worker looks again.
+        last = session.scalar(
+            select(func.max(OutboxMessage.created_at)).where(OutboxMessage.task == RUN_JOB_TASK)
+        )
+        if last is None or now - last >= kick_after_seconds:
+            enqueue_wakeup(session, None, "")
+    if handled:
+        log.info("reaper re-queued or failed %d job(s)", handled)
+    return handled

@@ -1,0 +1,185 @@
+"""Queries of the job execution path, with attempt fencing (DESIGN §5).
+
+A claim increments ``attempt``; every later write by the claiming worker carries
+``WHERE attempt = :mine AND status = 'running'``, so a zombie or duplicate worker changes
+nothing once another attempt has started or the job has ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, select, text, update
+from sqlalchemy.orm import Session, aliased
+
+from common import ids
+from common.jobs import RUN_JOB_TASK, TRAIN_QUEUE, JobStatus
+from models_db.base import now_ts
+from models_db.models import FineTuningJob, JobCheckpoint, JobEvent, OutboxMessage, Tenant
+
+# Serializes claims on Postgres so the per-tenant quota check and the claim are one step.
+_CLAIM_LOCK_KEY = 0x10AA
+
+
+class LostJob(Exception):
+    """This worker's attempt no longer owns the job (fenced out, cancelled or finished)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    tenant_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Flags:
+    cancel_requested: bool
+    pause_requested: bool
+
+
+def add_event(
+    session: Session,
+    job: FineTuningJob | Claim,
+    message: str,
+    *,
+    level: str = "info",
+    type_: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    job_id = job.job_id if isinstance(job, Claim) else job.id
+    session.add(
+        JobEvent(
+            id=ids.new_id(ids.JOB_EVENT),
+            tenant_id=job.tenant_id,
+            job_id=job_id,
+            level=level,
+            type=type_,
+            message=message[:2000],
+            data=data,
+        )
+    )
+
+
+def enqueue_wakeup(session: Session, tenant_id: str | None, job_id: str) -> None:
+    """Ask some training worker to claim work (after this transaction commits)."""
+    session.add(
+        OutboxMessage(task=RUN_JOB_TASK, queue=TRAIN_QUEUE, args=[job_id], tenant_id=tenant_id)
+    )
+
+
+def claim_next(session: Session, worker_id: str, lease_seconds: int) -> Claim | None:
+    """Atomically take the fairest queued job: fewest running jobs, then served longest ago.
+
+    A tenant at its concurrent-job quota is skipped.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_KEY})
+    now = now_ts()
+    running = aliased(FineTuningJob)
+    running_count = (
+        select(func.count())
+        .select_from(running)
+        .where(running.tenant_id == FineTuningJob.tenant_id, running.status == JobStatus.RUNNING)
+        .correlate(FineTuningJob)
+        .scalar_subquery()
+    )
+    served = aliased(FineTuningJob)
+    last_served = (
+        select(func.coalesce(func.max(served.claimed_at_ns), 0))
+        .where(served.tenant_id == FineTuningJob.tenant_id)
+        .correlate(FineTuningJob)
+        .scalar_subquery()
+    )
+    candidate = session.execute(
+        select(FineTuningJob.id, FineTuningJob.tenant_id)
+        .join(Tenant, Tenant.id == FineTuningJob.tenant_id)
+        .where(FineTuningJob.status == JobStatus.QUEUED, running_count < Tenant.max_concurrent_jobs)
+        .order_by(running_count, last_served, FineTuningJob.id)
+        .limit(1)
+    ).first()
+    if candidate is None:
+        return None
+    attempt = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == candidate.id, FineTuningJob.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.RUNNING,
+            attempt=FineTuningJob.attempt + 1,
+            worker_id=worker_id,
+            lease_until=now + lease_seconds,
+            claimed_at_ns=time.time_ns(),
+            started_at=func.coalesce(FineTuningJob.started_at, now),
+        )
+        .returning(FineTuningJob.attempt)
+    ).scalar_one_or_none()
+    if attempt is None:
+        return None
+    return Claim(candidate.id, candidate.tenant_id, attempt)
+
+
+def _fenced(claim: Claim) -> Any:
+    return and_(
+        FineTuningJob.id == claim.job_id,
+        FineTuningJob.attempt == claim.attempt,
+        FineTuningJob.status == JobStatus.RUNNING,
+    )
+
+
+def touch(session: Session, claim: Claim, lease_seconds: int) -> Flags:
+    """Extend the lease and read the cancel/pause flags; raises LostJob when fenced out."""
+    row = session.execute(
+        update(FineTuningJob)
+        .where(_fenced(claim))
+        .values(lease_until=now_ts() + lease_seconds)
+        .returning(FineTuningJob.cancel_requested_at, FineTuningJob.pause_requested_at)
+    ).first()
+    if row is None:
+        raise LostJob(claim.job_id)
+    return Flags(row.cancel_requested_at is not None, row.pause_requested_at is not None)
+
+
+def finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> None:
+    """Move a claimed job out of `running` (fenced)."""
+    extra: dict[str, Any] = {"worker_id": None, "lease_until": None}
+    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        extra["finished_at"] = now_ts()
+    if status == JobStatus.PAUSED:
+        extra["pause_requested_at"] = None
+    result = session.execute(
+        update(FineTuningJob).where(_fenced(claim)).values(status=status, **extra, **values)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise LostJob(claim.job_id)
+
+
+def latest_checkpoint(session: Session, job_id: str) -> JobCheckpoint | None:
+    return session.scalars(
+        select(JobCheckpoint)
+        .where(JobCheckpoint.job_id == job_id)
+        .order_by(JobCheckpoint.step.desc())
+        .limit(1)
+    ).first()
+
+
+def expired_jobs(session: Session, now: int, limit: int = 100) -> Sequence[FineTuningJob]:
+    stmt = (
+        select(FineTuningJob)
+        .where(FineTuningJob.status == JobStatus.RUNNING, FineTuningJob.lease_until < now)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalars(stmt).all()
+
+
+def has_claimable_jobs(session: Session) -> bool:
+    return (
+        session.scalar(
+            select(FineTuningJob.id).where(FineTuningJob.status == JobStatus.QUEUED).limit(1)
+        )
+        is not None
+    )

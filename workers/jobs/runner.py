@@ -1,0 +1,405 @@
+"""Running claimed jobs: prepare the spec, supervise the training subprocess, finish.
+
+A job is three kinds of short transactions around work done with no session open: the claim,
+heartbeats (lease, flags, buffered metric events, checkpoints), and the finish. Every write is
+fenced by the claim's attempt number (workers.jobs.repository).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from common import ids
+from common.jobs import JobStatus
+from models_db.models import (
+    BaseModel,
+    FineTunedModel,
+    FineTuningJob,
+    JobCheckpoint,
+    Tenant,
+    UsageRecord,
+)
+from models_db.session import transaction
+from workers.context import WorkerContext
+from workers.jobs import repository as repo
+from workers.jobs.artifacts import download_folder, upload_folder
+from workers.jobs.models import local_model_path
+from workers.jobs.subprocess_io import TrainingProcess
+from workers.jobs.validation import local_tokenized
+
+log = logging.getLogger(__name__)
+
+
+def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
+    """Claim and run jobs until none is claimable (or ``max_jobs`` ran); returns the count."""
+    ran = 0
+    while max_jobs is None or ran < max_jobs:
+        with transaction(ctx.session_factory) as session:
+            claim = repo.claim_next(session, ctx.settings.worker_id, ctx.settings.lease_seconds)
+            if claim is not None:
+                repo.add_event(
+                    session,
+                    claim,
+                    f"Fine-tuning job started on worker {ctx.settings.worker_id} "
+                    f"(attempt {claim.attempt}).",
+                )
+        if claim is None:
+            return ran
+        JobRun(ctx, claim).run()
+        ran += 1
+    return ran
+
+
+@dataclass
+class _Outcome:
+    done: dict[str, Any] | None = None
+    paused_step: int | None = None
+    error: str | None = None
+    total_steps: int | None = None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class JobRun:
+    def __init__(self, ctx: WorkerContext, claim: repo.Claim) -> None:
+        self.ctx = ctx
+        self.claim = claim
+        self.settings = ctx.settings
+        self.workdir = self.settings.scratch / claim.job_id / f"attempt-{claim.attempt}"
+        self._pending_events: list[dict[str, Any]] = []
+
+    # -- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            spec_path = self._prepare()
+            self._supervise(spec_path)
+        except repo.LostJob:
+            log.warning("job %s attempt %s was taken over; stopping", *self._ids())
+        except Exception as exc:
+            log.exception("job %s attempt %s failed", *self._ids())
+            self._attempt_failed(f"{type(exc).__name__}: {exc}")
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _ids(self) -> tuple[str, int]:
+        return self.claim.job_id, self.claim.attempt
+
+    # -- preparation -----------------------------------------------------------------------
+
+    def _prepare(self) -> Path:
+        from workers.training.spec import TrainingSpec
+
+        with transaction(self.ctx.session_factory) as session:
+            repo.touch(session, self.claim, self.settings.lease_seconds)
+            job = session.get(FineTuningJob, self.claim.job_id)
+            assert job is not None and job.artifacts is not None
+            base = session.get(BaseModel, job.base_model_id)
+            assert base is not None
+            checkpoint = repo.latest_checkpoint(session, job.id)
+            method_type = job.method["type"]
+            params = dict(job.method[method_type]["hyperparameters"])
+            artifacts = dict(job.artifacts)
+            seed, base_name, base_source = job.seed, base.id, base.source
+            resume = (checkpoint.storage_prefix, checkpoint.step) if checkpoint else None
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        resume_dir = None
+        if resume is not None:
+            resume_dir = self.workdir / "resume"
+            download_folder(self.ctx.storage, resume[0], resume_dir)
+        spec = TrainingSpec(
+            method="sft" if method_type == "supervised" else "dpo",
+            base_model_path=local_model_path(self.settings, base_name, base_source),
+            base_model_name=base_name,
+            train_data=str(local_tokenized(self.ctx, artifacts["train"])),
+            valid_data=(
+                str(local_tokenized(self.ctx, artifacts["valid"]))
+                if artifacts.get("valid")
+                else None
+            ),
+            output_dir=str(self.workdir / "adapter"),
+            checkpoint_dir=str(self.workdir / "checkpoints"),
+            resume_from=str(resume_dir) if resume_dir else None,
+            seed=seed,
+            n_epochs=int(params["n_epochs"]),
+            batch_size=int(params["batch_size"]),
+            learning_rate=float(params["learning_rate"]),
+            lora_rank=int(params["lora_rank"]),
+            lora_alpha=int(params["lora_alpha"]),
+            lora_dropout=float(params["lora_dropout"]),
+            target_modules=params["target_modules"],
+            use_dora=bool(params["use_dora"]),
+            quantization=params["quantization"],
+            max_seq_len=int(artifacts["max_seq_len"]),
+            packing=bool(params.get("packing", False)),
+            beta=float(params.get("beta") or 0.1),
+            checkpoint_every_steps=self.settings.checkpoint_every_steps,
+            nproc=self.settings.train_nproc,
+        )
+        spec_path = self.workdir / "spec.json"
+        spec_path.write_text(spec.to_json())
+        return spec_path
+
+    # -- supervision -----------------------------------------------------------------------
+
+    def _supervise(self, spec_path: Path) -> None:
+        from workers.training.launcher import launch_command
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = TrainingProcess(
+            launch_command(str(spec_path), self.settings.train_nproc),
+            log_path=self.workdir / "training.log",
+            env=env,
+        )
+        outcome = _Outcome()
+        pause_sent = False
+        next_beat = time.monotonic()
+        try:
+            while True:
+                timeout = max(0.0, next_beat - time.monotonic())
+                try:
+                    event = proc.events.get(timeout=timeout)
+                except queue.Empty:
+                    event = {}
+                if event is None:
+                    break
+                if event:
+                    self._handle(event, outcome)
+                if time.monotonic() >= next_beat:
+                    flags = self._heartbeat()
+                    next_beat = time.monotonic() + self.settings.heartbeat_seconds
+                    if flags.cancel_requested:
+                        proc.stop(self.settings.cancel_grace_seconds)
+                        self._finish_cancelled()
+                        return
+                    if flags.pause_requested and not pause_sent:
+                        proc.signal(signal.SIGUSR1)
+                        pause_sent = True
+        except BaseException:
+            proc.stop(self.settings.cancel_grace_seconds)
+            raise
+        code = proc.wait()
+        self._heartbeat()  # flush buffered events; raises LostJob if fenced out meanwhile
+        if outcome.done is not None and code == 0:
+            self._publish(outcome)
+        elif outcome.paused_step is not None and code == 0:
+            self._finish_paused(outcome.paused_step)
+        else:
+            reason = outcome.error or f"training process exited with code {code}"
+            if outcome.error is None and (tail := proc.stderr_tail()):
+                reason += f": {tail.splitlines()[-1][:500]}"
+            self._attempt_failed(reason)
+
+    def _handle(self, event: dict[str, Any], outcome: _Outcome) -> None:
+        kind = event.get("type")
+        if kind == "started":
+            outcome.total_steps = event.get("total_steps")
+            resumed = event.get("resumed_from_step")
+            text = (
+                f"Resumed training from the checkpoint at step {resumed}."
+                if resumed
+                else f"Training started: {outcome.total_steps} steps."
+            )
+            self._pending_events.append({"message": text, "data": _clean(event)})
+        elif kind == "metrics":
+            data = {**_clean(event), "total_steps": outcome.total_steps}
+            outcome.last_metrics.update(data)
+            loss = event.get("train_loss")
+            loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
+            self._pending_events.append(
+                {
+                    "message": f"Step {event.get('step')}/{outcome.total_steps}: "
+                    f"training loss={loss_text}",
+                    "type": "metrics",
+                    "data": data,
+                }
+            )
+        elif kind == "eval":
+            outcome.last_metrics.update(_clean(event))
+            self._pending_events.append(
+                {
+                    "message": f"Step {event.get('step')}: validation loss="
+                    f"{event.get('valid_loss')}",
+                    "type": "metrics",
+                    "data": _clean(event),
+                }
+            )
+        elif kind == "checkpoint":
+            self._record_checkpoint(int(event["step"]), Path(event["path"]), event, outcome)
+        elif kind == "done":
+            outcome.done = event
+        elif kind == "paused":
+            outcome.paused_step = int(event.get("step", 0))
+        elif kind == "error":
+            outcome.error = str(event.get("message", "training failed"))[:1000]
+
+    def _heartbeat(self) -> repo.Flags:
+        with transaction(self.ctx.session_factory) as session:
+            flags = repo.touch(session, self.claim, self.settings.lease_seconds)
+            for pending in self._pending_events:
+                repo.add_event(
+                    session,
+                    self.claim,
+                    pending["message"],
+                    type_=pending.get("type", "message"),
+                    data=pending.get("data"),
+                )
+        self._pending_events.clear()
+        return flags
+
+    def _record_checkpoint(
+        self, step: int, path: Path, event: dict[str, Any], outcome: _Outcome
+    ) -> None:
+        job_id, attempt = self._ids()
+        prefix = f"tenants/{self.claim.tenant_id}/jobs/{job_id}/checkpoints/step-{step}-a{attempt}"
+        metrics = {
+            k: v
+            for k, v in (event.get("metrics") or outcome.last_metrics).items()
+            if isinstance(v, int | float) and k != "step"
+        }
+        _manifest, digest = upload_folder(
+            self.ctx.storage, path, prefix, {"job_id": job_id, "step": step, "attempt": attempt}
+        )
+        try:
+            with transaction(self.ctx.session_factory) as session:
+                repo.touch(session, self.claim, self.settings.lease_seconds)
+                session.add(
+                    JobCheckpoint(
+                        id=ids.new_id(ids.CHECKPOINT),
+                        tenant_id=self.claim.tenant_id,
+                        job_id=job_id,
+                        step=step,
+                        storage_prefix=prefix,
+                        manifest_sha256=digest,
+                        metrics=metrics,
+                    )
+                )
+                repo.add_event(session, self.claim, f"Checkpoint saved at step {step}.")
+        except IntegrityError:
+            log.info("checkpoint at step %s of %s already recorded", step, job_id)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _publish(self, outcome: _Outcome) -> None:
+        assert outcome.done is not None
+        job_id, _attempt = self._ids()
+        adapter_dir = Path(outcome.done["adapter_dir"])
+        with transaction(self.ctx.session_factory) as session:
+            repo.touch(session, self.claim, self.settings.lease_seconds)
+            job = session.get(FineTuningJob, job_id)
+            tenant = session.get(Tenant, self.claim.tenant_id)
+            assert job is not None and tenant is not None
+            method_type = job.method["type"]
+            params = job.method[method_type]["hyperparameters"]
+            name = f"ft:{job.base_model_id}:{tenant.slug}:{job.suffix or ''}:{ids.short_id(8)}"
+            base_model, trained_tokens = job.base_model_id, job.trained_tokens
+        prefix = f"tenants/{self.claim.tenant_id}/models/{job_id}"
+        metrics = outcome.done.get("metrics") or {}
+        _manifest, digest = upload_folder(
+            self.ctx.storage,
+            adapter_dir,
+            prefix,
+            {
+                "fine_tuned_model": name,
+                "job_id": job_id,
+                "base_model": base_model,
+                "lora_rank": params["lora_rank"],
+                "method": method_type,
+                "training_config": params,
+                "metrics": metrics,
+            },
+        )
+        with transaction(self.ctx.session_factory) as session:
+            repo.touch(session, self.claim, self.settings.lease_seconds)
+            repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
+            session.add_all(
+                [
+                    FineTunedModel(
+                        id=name,
+                        tenant_id=self.claim.tenant_id,
+                        job_id=job_id,
+                        base_model_id=base_model,
+                        storage_prefix=prefix,
+                        manifest_sha256=digest,
+                        lora_rank=int(params["lora_rank"]),
+                    ),
+                    UsageRecord(
+                        tenant_id=self.claim.tenant_id,
+                        kind="trained_tokens",
+                        quantity=int(trained_tokens or 0),
+                        model=name,
+                        job_id=job_id,
+                    ),
+                ]
+            )
+            loss = metrics.get("train_loss")
+            repo.add_event(
+                session,
+                self.claim,
+                f"New fine-tuned model created: {name}"
+                + (f" (final training loss {loss:.4f})" if isinstance(loss, int | float) else ""),
+                data={
+                    "fine_tuned_model": name,
+                    **{k: v for k, v in metrics.items() if v is not None},
+                },
+            )
+            repo.add_event(session, self.claim, "The job has successfully completed.")
+
+    def _finish_paused(self, step: int) -> None:
+        with transaction(self.ctx.session_factory) as session:
+            repo.finish(session, self.claim, JobStatus.PAUSED)
+            repo.add_event(
+                session, self.claim, f"Job paused at step {step}; resume it to continue."
+            )
+
+    def _finish_cancelled(self) -> None:
+        with transaction(self.ctx.session_factory) as session:
+            repo.finish(session, self.claim, JobStatus.CANCELLED)
+            repo.add_event(
+                session, self.claim, "Fine-tuning job cancelled; no model was published."
+            )
+
+    def _attempt_failed(self, reason: str) -> None:
+        try:
+            with transaction(self.ctx.session_factory) as session:
+                job = session.get(FineTuningJob, self.claim.job_id)
+                assert job is not None
+                if job.attempt >= job.max_attempts:
+                    repo.finish(
+                        session,
+                        self.claim,
+                        JobStatus.FAILED,
+                        error={"code": "training_failed", "message": reason, "param": None},
+                    )
+                    repo.add_event(
+                        session,
+                        self.claim,
+                        f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}. "
+                        "The job has failed.",
+                        level="error",
+                    )
+                else:
+                    repo.finish(session, self.claim, JobStatus.QUEUED)
+                    repo.add_event(
+                        session,
+                        self.claim,
+                        f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}. Retrying.",
+                        level="warn",
+                    )
+                    repo.enqueue_wakeup(session, self.claim.tenant_id, self.claim.job_id)
+        except repo.LostJob:
+            log.warning("job %s attempt %s: failure not recorded, attempt superseded", *self._ids())
+
+
+def _clean(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "type" and v is not None}
