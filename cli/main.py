@@ -78,19 +78,28 @@ def worker(queues: str) -> None:
 @main.command()
 @click.option("--port", default=8000, type=int, show_default=True)
 def up(port: int) -> None:
-    """Run loraplex on embedded defaults, setting up what is missing on first start."""
+    """Run loraplex on embedded defaults (API + worker), setting up what is missing first."""
+    import subprocess
+
+    import uvicorn
+
+    from api.app import create_app
     from cli.bootstrap import bootstrap_embedded
 
     settings = _settings()
     key = bootstrap_embedded(settings)
     if key:
         click.echo(f"created tenant 'demo'; its API key (shown once): {key}")
+    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"])
     click.echo(f"OpenAI base URL: http://127.0.0.1:{port}/v1")
-    import uvicorn
-
-    from api.app import create_app
-
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+    try:
+        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 @main.group()

@@ -48,7 +48,7 @@ def test_embedded_mode_smoke(tmp_path: Path) -> None:
     assert second.startswith("lpx_") and second != key
 
     port = free_port()
-    server = subprocess.Popen(LORAPLEX + ["api", "--port", str(port)], env=env)
+    server = subprocess.Popen([*LORAPLEX, "api", "--port", str(port)], env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -94,7 +94,7 @@ def test_files_validate_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(sample_data.chat_jsonl().replace(b'"assistant"', b'"robot"', 1))
     result = subprocess.run(
-        LORAPLEX + ["files", "validate", str(bad)],
+        [*LORAPLEX, "files", "validate", str(bad)],
         env=env,
         capture_output=True,
         text=True,

@@ -11,9 +11,9 @@ import textwrap
 import redis
 from sqlalchemy import select
 
-from common.outbox import dispatch_once
 from common.broker import make_publisher
 from common.jobs import DEFAULT_QUEUE, RUN_JOB_TASK, TRAIN_QUEUE, VALIDATE_JOB_TASK
+from common.outbox import dispatch_once
 from models_db.models import OutboxMessage
 from models_db.session import make_engine, make_session_factory, transaction
 

@@ -189,3 +189,18 @@ def job_status(stack: TrainingStack, key: str, job_id: str) -> dict[str, object]
     response.raise_for_status()
     body: dict[str, object] = response.json()
     return body
+
+
+def wait_status(
+    stack: TrainingStack, key: str, job_id: str, statuses: set[str], timeout: float
+) -> dict[str, object]:
+    """Poll the job until its status is one of ``statuses``; returns the job object."""
+
+    def check() -> dict[str, object] | None:
+        job = job_status(stack, key, job_id)
+        return job if job["status"] in statuses else None
+
+    result: dict[str, object] = wait_for(
+        check, timeout, f"job {job_id} to be {sorted(statuses)}", 0.2
+    )
+    return result
