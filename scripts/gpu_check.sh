@@ -11,4 +11,11 @@ python=python3
 if [[ -x .venv/bin/python ]]; then
     python=.venv/bin/python
 fi
+# Wheels brought along for a GPU machine without network (e.g. bitsandbytes for the QLoRA
+# check): installed into a scratch folder for this run only.
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+    extra=$(mktemp -d)
+    "$python" -m pip install --quiet --no-deps --no-index --target "$extra" .gpu-wheels/*.whl
+    export PYTHONPATH="$extra${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec "$python" scripts/gpu_check.py "$@"
