@@ -23,6 +23,7 @@ from models_db.base import now_ts
 from models_db.models import BaseModel, File, FineTuningJob
 from models_db.session import transaction
 from workers.context import WorkerContext
+from workers.jobs.hyperparameters import resolve_auto
 from workers.jobs.models import BaseModelUnavailable, local_model_path
 from workers.jobs.repository import add_event, enqueue_wakeup
 
@@ -135,6 +136,13 @@ def _tokenized(
         truncated=list(result.truncated),
         rejected=list(result.rejected),
     )
+    if artifact.examples == 0:
+        raise ValidationFailed(
+            f"{file_id}: no example is left to train on after tokenization (too long, or "
+            "nothing with weight 1).",
+            "no_trainable_examples",
+            param,
+        )
     if artifact.rejected and overflow == "reject":
         shown = ", ".join(f"#{i + 1}" for i in artifact.rejected[:20])
         raise ValidationFailed(
@@ -203,15 +211,9 @@ def validate_job(ctx: WorkerContext, job_id: str) -> None:
         _fail(ctx, job_id, ValidationFailed(str(exc), "model_unavailable", "model"))
         return
 
-    from workers.training.hyperparameters import resolve_auto
-
-    resolved = resolve_auto(
-        {**params, "max_seq_len": max_seq_len},
-        n_examples=train.examples,
-        mean_tokens=train.total_tokens / max(train.examples, 1),
-        method=recipe_method,
-    )
-    method = {"type": method_type, method_type: {"hyperparameters": {**params, **resolved}}}
+    resolved = resolve_auto(params, n_examples=train.examples, method=recipe_method)
+    hyper = {**params, **resolved, "max_seq_len": max_seq_len}
+    method = {"type": method_type, method_type: {"hyperparameters": hyper}}
     n_epochs = int(method[method_type]["hyperparameters"]["n_epochs"])
 
     with transaction(ctx.session_factory) as session:
