@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from common.datasets import DatasetError, iter_examples
 from common.jobs import JobStatus
@@ -92,7 +92,7 @@ def _tokenized(
     file: tuple[str, str, str],
     model_path: str,
     *,
-    method: str,
+    method: Literal["sft", "dpo"],
     max_seq_len: int,
     param: str,
 ) -> TokenizedArtifact:
@@ -178,7 +178,7 @@ def validate_job(ctx: WorkerContext, job_id: str) -> None:
     max_seq_len = params["max_seq_len"]
     if max_seq_len == "auto":
         max_seq_len = min(snap.context_length, AUTO_MAX_SEQ_LEN)
-    recipe_method = "sft" if method_type == "supervised" else "dpo"
+    recipe_method: Literal["sft", "dpo"] = "sft" if method_type == "supervised" else "dpo"
     try:
         model_path = local_model_path(ctx.settings, snap.base_name, snap.base_source)
         train_file = snap.files["training_file"]
