@@ -17,6 +17,7 @@ from api.middleware import RequestContextMiddleware, RequestLimitsMiddleware
 from api.ops.router import router as ops_router
 from api.services import Services
 from api.settings import APISettings
+from api.tenancy.cache import TtlCache
 from common.broker import make_publisher
 from common.logging import configure_logging
 from common.outbox import Dispatcher
@@ -30,7 +31,14 @@ _FORM_OVERHEAD = 64 * 1024
 
 def build_services(settings: APISettings) -> Services:
     settings.ensure_data_dir()
-    engine = make_engine(settings.database_url)
+    # More connections than request threads (anyio's default is 40): a thread that holds a
+    # connection never waits for another thread, so the pool cannot deadlock under load.
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size + 40,
+        lock_timeout_ms=5000,
+    )
     return Services(
         settings=settings,
         engine=engine,
@@ -41,6 +49,7 @@ def build_services(settings: APISettings) -> Services:
             base_dir=str(settings.data_dir),
         ),
         publisher=make_publisher(settings.broker_url),
+        auth_cache=TtlCache(settings.auth_cache_seconds),
     )
 
 

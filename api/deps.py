@@ -13,14 +13,15 @@ from api.services import Services
 from api.tenancy.service import Principal, authenticate
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:  # async: no thread-pool hop
     services: Services = request.app.state.services
     return services
 
 
 def get_session(request: Request) -> Iterator[Session]:
     """One request, one transaction: committed before the response is sent."""
-    session = get_services(request).session_factory()
+    services: Services = request.app.state.services
+    session = services.session_factory()
     try:
         yield session
         session.commit()
@@ -56,7 +57,9 @@ def require_scope(*accepted: str) -> Callable[..., Principal]:
 
     def dependency(request: Request, session: SessionDep, services: ServicesDep) -> Principal:
         token = _bearer_token(request)
-        principal = authenticate(session, services.settings.secret_key, token)
+        principal = authenticate(
+            session, services.settings.secret_key, token, services.auth_cache
+        )
         if principal is None:
             shown = token[:8] + "…" if len(token) > 8 else "…"
             raise Unauthorized(f"Incorrect API key provided: {shown}")

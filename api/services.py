@@ -9,6 +9,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.settings import APISettings
+from api.tenancy.cache import TtlCache
+from api.tenancy.service import Principal
 from common.storage import ObjectStorage
 
 
@@ -19,3 +21,4 @@ class Services:
     session_factory: sessionmaker[Session]
     storage: ObjectStorage
     publisher: Celery
+    auth_cache: TtlCache[Principal]

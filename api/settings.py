@@ -40,3 +40,13 @@ class APISettings(CommonSettings):
     job_max_attempts: int = Field(
         default=3, description="Times a job is started before it fails for good."
     )
+    db_pool_size: int = Field(
+        default=20,
+        description="Database connections kept open. The pool may grow to twice this plus "
+        "the request thread pool, so a request holding a connection never waits for one.",
+    )
+    auth_cache_seconds: float = Field(
+        default=0.5,
+        description="How long a verified API key is remembered in-process (revocation takes "
+        "effect within this time; DESIGN asks for at most 1 s).",
+    )

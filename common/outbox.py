@@ -76,6 +76,8 @@ class Dispatcher:
         self._factory = factory
         self._publisher = publisher
         self._poll = poll_seconds
+        self.batch_size = 100
+        self.coalesce_seconds = 0.02
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-dispatcher", daemon=True)
@@ -94,9 +96,16 @@ class Dispatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                while dispatch_once(self._factory, self._publisher) and not self._stop.is_set():
+                # A short batch means the outbox is drained: no extra empty pass.
+                while (
+                    dispatch_once(self._factory, self._publisher, self.batch_size)
+                    >= self.batch_size
+                    and not self._stop.is_set()
+                ):
                     pass
             except Exception:
                 log.exception("outbox dispatcher pass failed")
             self._wake.wait(self._poll)
             self._wake.clear()
+            # Commits that arrive together (a burst of creates) are published in one pass.
+            self._stop.wait(self.coalesce_seconds)

@@ -20,14 +20,33 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
-    """Create an engine for ``url`` (SQLite file or Postgres) with sensible pool settings."""
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    lock_timeout_ms: int | None = None,
+    echo: bool = False,
+) -> Engine:
+    """Create an engine for ``url`` (SQLite file or Postgres) with sensible pool settings.
+
+    ``lock_timeout_ms`` bounds how long a statement waits for a row lock (Postgres), so a
+    contended row turns into an error instead of a pile-up of waiting requests.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args: dict[str, Any] = {}
+    if lock_timeout_ms is not None:
+        connect_args["options"] = f"-c lock_timeout={int(lock_timeout_ms)}"
     return create_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
+        pool_pre_ping=True,
+        connect_args=connect_args,
     )
 
 

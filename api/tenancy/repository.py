@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, or_, select, update
 from sqlalchemy.orm import Session
 
 from models_db.models import ApiKey, Tenant
@@ -48,8 +48,17 @@ class ApiKeyRepository:
         ).first()
         return (row[0], row[1]) if row else None
 
-    def touch(self, key_id: str, now: int) -> None:
-        self.session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
+    @staticmethod
+    def touch(conn: Connection, key_id: str, now: int, interval: int) -> None:
+        """Record use, unless another request already did within ``interval`` seconds."""
+        conn.execute(
+            update(ApiKey)
+            .where(
+                ApiKey.id == key_id,
+                or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at <= now - interval),
+            )
+            .values(last_used_at=now)
+        )
 
     def add(self, key: ApiKey) -> ApiKey:
         self.session.add(key)

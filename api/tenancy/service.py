@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from api.tenancy import keys
+from api.tenancy.cache import TtlCache
 from api.tenancy.repository import ApiKeyRepository, TenantRepository
 from common import ids
 from models_db.base import now_ts
@@ -126,17 +127,32 @@ def revoke_api_key(session: Session, tenant_id: str, key_id: str, actor: str) ->
     return revoked
 
 
-def authenticate(session: Session, secret_key: str, presented: str) -> Principal | None:
+def authenticate(
+    session: Session,
+    secret_key: str,
+    presented: str,
+    cache: TtlCache[Principal] | None = None,
+) -> Principal | None:
     """Resolve a presented key to a principal; None for unknown, revoked or malformed keys."""
     if not keys.looks_like_key(presented):
         return None
-    found = ApiKeyRepository(session).find_active_by_hash(keys.hash_key(secret_key, presented))
+    key_hash = keys.hash_key(secret_key, presented)
+    if cache is not None and (remembered := cache.get(key_hash)) is not None:
+        return remembered
+    found = ApiKeyRepository(session).find_active_by_hash(key_hash)
     if found is None:
         return None
     key, tenant = found
-    now = now_ts()
-    if key.last_used_at is None or now - key.last_used_at >= _TOUCH_INTERVAL_SECONDS:
-        ApiKeyRepository(session).touch(key.id, now)
-    return Principal(
+    principal = Principal(
         tenant_id=tenant.id, tenant_slug=tenant.slug, key_id=key.id, scopes=frozenset(key.scopes)
     )
+    if cache is not None:
+        cache.put(key_hash, principal)
+    now = now_ts()
+    if key.last_used_at is None or now - key.last_used_at >= _TOUCH_INTERVAL_SECONDS:
+        # Its own short transaction: holding the key's row lock until the request commits
+        # would serialize every concurrent request made with this key.
+        with session.get_bind().connect() as conn:
+            ApiKeyRepository.touch(conn, key.id, now, _TOUCH_INTERVAL_SECONDS)
+            conn.commit()
+    return principal
