@@ -57,9 +57,7 @@ def require_scope(*accepted: str) -> Callable[..., Principal]:
 
     def dependency(request: Request, session: SessionDep, services: ServicesDep) -> Principal:
         token = _bearer_token(request)
-        principal = authenticate(
-            session, services.settings.secret_key, token, services.auth_cache
-        )
+        principal = authenticate(session, services.settings.secret_key, token, services.auth_cache)
         if principal is None:
             shown = token[:8] + "…" if len(token) > 8 else "…"
             raise Unauthorized(f"Incorrect API key provided: {shown}")

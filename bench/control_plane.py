@@ -1,15 +1,18 @@
 """Control plane: job creation at a fixed rate, loraplex against a floor (DESIGN §11).
 
 Quality bar: ``POST /v1/fine_tuning/jobs`` p99 <= 50 ms at 100 requests/s for 30 s on Postgres,
-with zero errors.
+with zero 5xx. This script is stricter: any non-2xx answer or failed request is an error.
 
 The load is open-loop: request ``i`` is *scheduled* at ``start + i / rate`` whatever the server
 is doing, and its latency runs from that scheduled instant to the end of the response. A slow
 response therefore delays nobody's send, and any queueing (in the client, the kernel or the
-server) shows up in the latency instead of lowering the rate.
+server) shows up in the latency instead of lowering the rate. The client is a few lines of
+asyncio over keep-alive HTTP/1.1 connections (at most 256; a request that finds them all busy
+waits, and that wait counts); a request with no answer after 10 s is an error. Latency
+percentiles are over the successful (2xx) responses.
 
 Two servers are measured one after the other, in the same run, on the same machine and database
-server, each with uvicorn's single default worker:
+server, each with uvicorn's defaults (one worker, uvloop, httptools):
 
 * ``floor``: a bare Starlette app (below) that does the minimum a job create must do: parse
   the JSON body, compare the bearer token with a constant, INSERT one row shaped like
@@ -19,10 +22,12 @@ server, each with uvicorn's single default worker:
   in one transaction, and the in-process dispatcher publishes the outbox row to Redis.
 
 The script creates a database ``loraplex_bench_<random>`` and drops it at the end (also on
-Ctrl-C or failure). Run it from the repository root:
+Ctrl-C, SIGTERM or failure). Besides latency it reports each server's CPU time per request and
+how busy the whole machine was, because a shared machine makes every number here noisy. Run it
+from the repository root (results and their reading: docs/benchmarks.md):
 
     .venv/bin/python bench/control_plane.py [--rate 100] [--duration 30] [--warmup 3]
-        [--json PATH]
+        [--json PATH] [--targets floor,loraplex] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, LiteralString
@@ -55,12 +60,15 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 TARGET_P99_MS = 50.0
 REQUEST_TIMEOUT_S = 10.0
+# Keep-alive connections the load generator may hold open. A request that finds them all busy
+# waits its turn in the client, and that wait counts in its latency.
+MAX_CONNECTIONS = 256
 # Connections each server keeps to Postgres: loraplex's engine pool_size (models_db/session.py).
 POOL_SIZE = 10
 FLOOR_TOKEN = "floor_" + "x" * 40  # compared in constant time, like an API key
 FLOOR_TENANT = "org-bench"
-TRAIN_QUEUE = "train"
 DEDUP_KEY_PATTERN = "loraplex:published:outbox-*"
+KOMBU_PRIORITY_SEP = b"\x06\x16"  # kombu's Redis priority queues are QUEUE + this + step
 
 # The method loraplex stores for a job created without one (its supervised defaults).
 DEFAULT_METHOD = {
@@ -236,8 +244,12 @@ def _cli(env: dict[str, str], *args: str) -> str:
 class Server:
     name: str
     process: subprocess.Popen[bytes]
-    base_url: str
+    port: int
     log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -255,7 +267,7 @@ def running(
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = Server(name, process, f"http://127.0.0.1:{port}", log_path)
+    server = Server(name, process, port, log_path)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -297,15 +309,22 @@ def scratch_database(admin_url: str) -> Iterator[str]:
 
 
 def _clear_broker(redis_url: str) -> None:
-    """Drop what the runs publish (the train queue, the outbox dedup keys) so that each run
-    starts from the same broker state: outbox row ids restart at 1 in every fresh database."""
+    """Drop what the runs publish (every queue kombu declared in this Redis database, with its
+    priority sub-queues, and the outbox dedup keys) so that each run starts from the same broker
+    state: outbox row ids restart at 1 in every fresh database, and nothing consumes the
+    messages. The default database (11) is the bench's own."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = [TRAIN_QUEUE, f"_kombu.binding.{TRAIN_QUEUE}"]
-        keys += list(client.scan_iter(DEDUP_KEY_PATTERN, count=1000))
-        client.delete(*keys)
+        keys: list[bytes] = []
+        for binding in client.scan_iter(match="_kombu.binding*", count=1000):
+            queue = binding.split(b".", 2)[-1]
+            keys += [binding, queue]
+            keys += [queue + KOMBU_PRIORITY_SEP + str(step).encode() for step in (3, 6, 9)]
+        keys += client.scan_iter(match=DEDUP_KEY_PATTERN, count=1000)
+        if keys:
+            client.delete(*keys)
     finally:
         client.close()
 
@@ -350,32 +369,112 @@ class Sample:
         return self.outcome.isdigit() and 200 <= int(self.outcome) < 300
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: bytes, scheduled: float) -> Sample:
-    loop = asyncio.get_running_loop()
-    sent = loop.time()
+class ProtocolError(Exception):
+    pass
+
+
+class Poster:
+    """Sends one fixed HTTP/1.1 request over keep-alive connections, as cheaply as Python can.
+
+    httpx costs about 2 ms of CPU per request here, more than the floor server itself; on a
+    small machine that is CPU taken from the servers under test. The request bytes never
+    change, so they are built once and only the status line and Content-Length are parsed.
+    """
+
+    def __init__(self, host: str, port: int, path: str, headers: dict[str, str], body: bytes):
+        self.host, self.port = host, port
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        self.request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.gate = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def post(self) -> int:
+        """The response's status code; raises on a broken, slow or malformed exchange."""
+        async with self.gate, asyncio.timeout(REQUEST_TIMEOUT_S):
+            while self.idle:
+                reader, writer = self.idle.pop()
+                if reader.at_eof() or writer.is_closing():
+                    writer.close()
+                    continue
+                try:
+                    return await self._exchange(reader, writer)
+                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                    # The server closed an idle keep-alive connection (uvicorn does after 5 s)
+                    # before our request reached it: retried on a fresh one, as any client does.
+                    if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                        raise
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            return await self._exchange(reader, writer)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        try:
+            writer.write(self.request)
+            status, length, keep = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+            await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if keep:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+        return status
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def _parse_head(head: bytes) -> tuple[int, int, bool]:
+    """(status, body length, keep-alive) from a response head; the servers always send a
+    Content-Length (no streamed bodies on this endpoint)."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"bad status line {lines[0]!r}")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip().lower()
+    if not fields.get("content-length", "").isdigit():
+        raise ProtocolError("response without Content-Length")
+    return int(parts[1]), int(fields["content-length"]), fields.get("connection") != "close"
+
+
+async def _one(poster: Poster, scheduled: float) -> Sample:
+    sent = time.perf_counter()
     try:
-        response = await client.post(url, content=body)
-        outcome = str(response.status_code)
-    except httpx.HTTPError as exc:
+        outcome = str(await poster.post())
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
         outcome = type(exc).__name__
-    return Sample(scheduled, sent, loop.time(), outcome)
+    return Sample(scheduled, sent, time.perf_counter(), outcome)
 
 
-async def open_loop(
-    client: httpx.AsyncClient, url: str, body: bytes, rate: float, duration: float
-) -> list[Sample]:
-    """Send ``rate * duration`` requests, each at its scheduled instant; wait for them all."""
-    loop = asyncio.get_running_loop()
+async def open_loop(poster: Poster, rate: float, duration: float) -> list[Sample]:
+    """Send ``rate * duration`` requests, each at its scheduled instant; wait for them all.
+
+    Times come from ``perf_counter``: uvloop's ``loop.time()`` has millisecond steps."""
     count = round(rate * duration)
-    start = loop.time() + 0.01
+    start = time.perf_counter() + 0.01
     tasks = []
     for i in range(count):
         scheduled = start + i / rate
-        delay = scheduled - loop.time()
+        delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_one(client, url, body, scheduled)))
+        tasks.append(asyncio.create_task(_one(poster, scheduled)))
     return list(await asyncio.gather(*tasks))
+
+
+def _run(coro: Coroutine[Any, Any, Stats]) -> Stats:
+    """Run the load generator on uvloop when it is installed: less client CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _process_cpu_s(pid: int) -> float | None:
@@ -402,26 +501,32 @@ class Resources:
     """What the machine did during a measured window: a noise gauge and a cost per request."""
 
     server_cpu_ms_per_request: float | None
+    client_cpu_ms_per_request: float
     machine_busy_pct: float | None
     load_1m_before: float
 
-    @classmethod
-    def start(cls, pid: int) -> tuple[float | None, tuple[int, int] | None, float]:
-        return _process_cpu_s(pid), _machine_ticks(), os.getloadavg()[0]
+
+@dataclass
+class _Mark:
+    server_cpu: float | None
+    client_cpu: float
+    ticks: tuple[int, int] | None
+    load: float
 
     @classmethod
-    def since(
-        cls, pid: int, mark: tuple[float | None, tuple[int, int] | None, float], requests: int
-    ) -> Resources:
-        cpu0, ticks0, load = mark
-        cpu1, ticks1 = _process_cpu_s(pid), _machine_ticks()
-        per_request = (
-            (cpu1 - cpu0) * 1000 / requests if cpu0 is not None and cpu1 is not None else None
-        )
+    def now(cls, pid: int) -> _Mark:
+        return cls(_process_cpu_s(pid), time.process_time(), _machine_ticks(), os.getloadavg()[0])
+
+    def resources_since(self, pid: int, requests: int) -> Resources:
+        end = _Mark.now(pid)
+        server = None
+        if self.server_cpu is not None and end.server_cpu is not None:
+            server = (end.server_cpu - self.server_cpu) * 1000 / requests
         busy = None
-        if ticks0 is not None and ticks1 is not None and ticks1[1] > ticks0[1]:
-            busy = 100 * (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
-        return cls(per_request, busy, load)
+        if self.ticks is not None and end.ticks is not None and end.ticks[1] > self.ticks[1]:
+            busy = 100 * (end.ticks[0] - self.ticks[0]) / (end.ticks[1] - self.ticks[1])
+        client = (end.client_cpu - self.client_cpu) * 1000 / requests
+        return Resources(server, client, busy, self.load)
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -477,18 +582,18 @@ def summarise(target: str, samples: list[Sample]) -> Stats:
 async def measure(
     target: str, server: Server, token: str, payload: dict[str, Any], args: argparse.Namespace
 ) -> Stats:
-    body = json.dumps(payload).encode()
-    headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    url = f"{server.base_url}/v1/fine_tuning/jobs"
-    async with httpx.AsyncClient(
-        headers=headers, limits=limits, timeout=REQUEST_TIMEOUT_S
-    ) as client:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    poster = Poster(
+        "127.0.0.1", server.port, "/v1/fine_tuning/jobs", headers, json.dumps(payload).encode()
+    )
+    try:
         if args.warmup > 0:
-            await open_loop(client, url, body, args.rate, args.warmup)
-        mark = Resources.start(server.process.pid)
-        samples = await open_loop(client, url, body, args.rate, args.duration)
-        resources = Resources.since(server.process.pid, mark, len(samples))
+            await open_loop(poster, args.rate, args.warmup)
+        mark = _Mark.now(server.process.pid)
+        samples = await open_loop(poster, args.rate, args.duration)
+        resources = mark.resources_since(server.process.pid, len(samples))
+    finally:
+        await poster.close()
     if server.process.poll() is not None:
         raise RuntimeError(f"{target} died during the run:\n{server.log_tail()}")
     stats = summarise(target, samples)
@@ -499,7 +604,7 @@ async def measure(
 # --- the two targets ------------------------------------------------------------------------
 
 
-def bench_floor(db_url: str, logs: Path, args: argparse.Namespace) -> Stats:
+def bench_floor(db_url: str, args: argparse.Namespace) -> Stats:
     dsn = _psycopg_url(db_url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(FLOOR_TABLE)
@@ -507,8 +612,8 @@ def bench_floor(db_url: str, logs: Path, args: argparse.Namespace) -> Stats:
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(port)]
     env = {**os.environ, "BENCH_FLOOR_DSN": dsn}
     payload = {"model": "tiny-llama", "training_file": "file-bench", "suffix": "bench"}
-    with running("floor", command, env, port, logs) as server:
-        stats = asyncio.run(measure("floor", server, FLOOR_TOKEN, payload, args))
+    with running("floor", command, env, port, args.logs) as server:
+        stats = _run(measure("floor", server, FLOOR_TOKEN, payload, args))
     stats.rows_written = _query_ints(dsn, "SELECT count(*) FROM bench_jobs")[0]
     return stats
 
@@ -546,7 +651,7 @@ def bench_loraplex(db_url: str, redis_url: str, work: Path, args: argparse.Names
     key = _cli(env, "admin", "create-tenant", "Bench", "--slug", "bench").strip().splitlines()[-1]
     port = _free_port()
     command = [*_loraplex_command(), "api", "--port", str(port)]
-    with running("loraplex", command, env, port, work) as server:
+    with running("loraplex", command, env, port, args.logs) as server:
         upload = httpx.post(
             f"{server.base_url}/v1/files",
             headers={"authorization": f"Bearer {key}"},
@@ -557,7 +662,7 @@ def bench_loraplex(db_url: str, redis_url: str, work: Path, args: argparse.Names
         if upload.status_code != 200:
             raise RuntimeError(f"upload failed: {upload.status_code} {upload.text}")
         payload = {"model": "tiny-llama", "training_file": upload.json()["id"], "suffix": "bench"}
-        stats = asyncio.run(measure("loraplex", server, key, payload, args))
+        stats = _run(measure("loraplex", server, key, payload, args))
         dsn = _psycopg_url(db_url)
         total, pending = _outbox_backlog(dsn)
     stats.rows_written = _query_ints(dsn, "SELECT count(*) FROM fine_tuning_jobs")[0]
@@ -569,7 +674,18 @@ def bench_loraplex(db_url: str, redis_url: str, work: Path, args: argparse.Names
 
 
 def _ms(value: float) -> str:
-    return f"{value:.1f}"
+    return f"{value:.1f}" if math.isfinite(value) else "n/a"
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (no successful request to measure) is not JSON: written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def report(results: list[Stats], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -577,7 +693,8 @@ def report(results: list[Stats], args: argparse.Namespace) -> tuple[str, dict[st
     lines = [
         f"Job creation, open loop: {args.rate:g} req/s for {args.duration:g} s "
         f"(+{args.warmup:g} s warm-up, not counted); latency from each request's scheduled "
-        "send time, so it includes queueing. Servers: uvicorn, one worker.",
+        "send time, so it includes queueing, over the 2xx responses; no answer in "
+        f"{REQUEST_TIMEOUT_S:g} s is an error. Servers: uvicorn, one worker.",
         f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "
         f"{platform.python_version()}.",
         "",
@@ -599,6 +716,8 @@ def report(results: list[Stats], args: argparse.Namespace) -> tuple[str, dict[st
         summary["ratio_p99"] = lpx.p99_ms / floor.p99_ms
         lines.append(
             f"loraplex / floor: p50 {summary['ratio_p50']:.2f}x, p99 {summary['ratio_p99']:.2f}x"
+            if math.isfinite(summary["ratio_p50"]) and math.isfinite(summary["ratio_p99"])
+            else "loraplex / floor: n/a (no successful loraplex request)"
         )
     for r in results:
         res = r.resources
@@ -606,6 +725,7 @@ def report(results: list[Stats], args: argparse.Namespace) -> tuple[str, dict[st
         if res is not None:
             if res.server_cpu_ms_per_request is not None:
                 gauges += f"server CPU {res.server_cpu_ms_per_request:.1f} ms/request, "
+            gauges += f"client CPU {res.client_cpu_ms_per_request:.1f} ms/request, "
             if res.machine_busy_pct is not None:
                 gauges += f"machine CPU busy {res.machine_busy_pct:.0f}%, "
             gauges += f"load average before {res.load_1m_before:.1f}, "
@@ -659,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"),
-        help="Broker for loraplex; its train queue and outbox dedup keys are cleared.",
+        help="Broker for loraplex (a database of its own): the queues and outbox dedup keys "
+        "that the run creates there are deleted.",
     )
     parser.add_argument(
         "--loraplex-env",
@@ -668,6 +789,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="Extra environment for the loraplex processes, e.g. "
         "LORAPLEX_DISPATCHER_ENABLED=false (repeatable; for experiments).",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="Keep the servers' output in this folder (default: a temporary one, removed).",
     )
     parser.add_argument("--strict", action="store_true", help="Exit 1 when a verdict fails.")
     parser.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
@@ -685,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the database dropped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    if args.logs is None:
+        args.logs = work
+    args.logs.mkdir(parents=True, exist_ok=True)
     results = []
     try:
         with scratch_database(args.postgres_url) as database:
@@ -696,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                 for target in targets:
                     print(f"running {target}…", file=sys.stderr, flush=True)
                     if target == "floor":
-                        results.append(bench_floor(db_url, work, args))
+                        results.append(bench_floor(db_url, args))
                     else:
                         results.append(bench_loraplex(db_url, args.redis_url, work, args))
             finally:
@@ -707,10 +837,14 @@ def main(argv: list[str] | None = None) -> int:
     text, data = report(results, args)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        args.json.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
     failed = data.get("target_p99") is False or data.get("zero_errors") is False
     return 1 if args.strict and failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped, scratch database dropped", file=sys.stderr)
+        sys.exit(130)

@@ -99,19 +99,23 @@ if str(ROOT) not in sys.path:
 
 LF_VENV_DEFAULT = ROOT / ".venv-llamafactory"
 LF_ENV_SCRIPT = ROOT / "bench" / "lf_env.sh"
-ALL_RUNS = ("lf_default", "lf_packing", "lf_neat_packing", "hf_padding", "loraplex")
+ALL_RUNS = (
+    "lf_default",
+    "lf_packing",
+    "lf_neat_packing",
+    "hf_padding",
+    "loraplex",
+    "loraplex_auto",
+)
 RUN_LABELS = {
     "lf_default": "LLaMA-Factory 0.9.5, default (padding)",
     "lf_packing": "LLaMA-Factory 0.9.5, packing",
     "lf_neat_packing": "LLaMA-Factory 0.9.5, neat_packing",
     "hf_padding": "HF Trainer + peft, padding",
-    "loraplex": "loraplex recipe",
+    "loraplex": "loraplex recipe, float32",
+    "loraplex_auto": "loraplex recipe, dtype auto",
 }
-SYSTEM_PROMPTS = (
-    "You are a helpful assistant.",
-    "You answer questions about the town and its people.",
-    "You are a careful assistant. Answer briefly and exactly.",
-)
+SYSTEM_PROMPTS = ("Be helpful.", "Answer briefly.", "You are a helpful assistant.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +141,10 @@ class Hyper:
 class DataShape:
     """The generated dataset: token lengths are log-normal, capped below max_seq_len."""
 
-    train_examples: int = 1200
+    train_examples: int = 1000
     heldout_examples: int = 100
-    median_tokens: int = 160
-    sigma: float = 0.75
+    median_tokens: int = 40
+    sigma: float = 0.8
     min_tokens: int = 24
     multi_turn_fraction: float = 0.25
     seed: int = 1234
@@ -156,6 +160,9 @@ class RunResult:
     process_seconds: float | None = None
     peak_rss_mib: float | None = None
     cpu_percent: float | None = None
+    other_cores: float | None = None  # cores other processes used during the training loop
+    train_cpu_seconds: float | None = None  # CPU the training loop got (process tree)
+    cpu_tokens_per_second: float | None = None  # real tokens per (CPU second / threads)
     tokens_per_second: float | None = None
     mfu: float | None = None
     train_loss: float | None = None
@@ -170,32 +177,32 @@ class RunResult:
 # Dataset
 
 
-def _corpus_sentences() -> list[str]:
+def _corpus_words() -> list[str]:
     from workers.training.tiny_model import CORPUS_PATH
 
-    text = CORPUS_PATH.read_text(encoding="utf-8")
-    sentences: list[str] = []
-    for line in text.splitlines():
-        for piece in re.split(r"(?<=[.!?])\s+", line.strip()):
-            piece = piece.strip()
-            if len(piece) > 3:
-                sentences.append(piece)
-    return sentences
+    return CORPUS_PATH.read_text(encoding="utf-8").split()
 
 
 def generate_conversations(tokenizer: Any, shape: DataShape, max_seq_len: int) -> list[dict]:
     """Deterministic chat conversations whose rendered token lengths are log-normal.
 
     Each conversation: a system message, then one turn (or two, for ``multi_turn_fraction`` of
-    them) of a user message and an assistant answer, filled with sentences of the corpus the
-    tokenizer was trained on until the conversation reaches its drawn length. About a third of
-    the assistant turns repeat the user's text (a task the model can learn in one epoch), the
-    rest continue the corpus.
+    them) of a user message and an assistant answer, filled with runs of words from the corpus
+    the tokenizer was trained on until the conversation reaches its drawn length. A third of the
+    assistant turns repeat the user's text (a task the model can start to learn in one epoch),
+    the rest continue the corpus. Lengths below what a system message and one short turn need
+    come out at that floor; a draw that renders longer than ``max_seq_len - 8`` is drawn again,
+    so that nobody truncates or drops an example.
     """
     rng = random.Random(shape.seed)
-    sentences = _corpus_sentences()
-    # Sentence lengths with their leading space: byte-level BPE splits at the space, so they add.
-    sent_tokens = [len(tokenizer.encode(" " + s, add_special_tokens=False)) for s in sentences]
+    words = _corpus_words()
+    # Word lengths with their leading space: byte-level BPE splits at the space, so they add up.
+    cache: dict[str, int] = {}
+    word_tokens = []
+    for w in words:
+        if w not in cache:
+            cache[w] = len(tokenizer.encode(" " + w, add_special_tokens=False))
+        word_tokens.append(cache[w])
     total = shape.train_examples + shape.heldout_examples
     cap = max_seq_len - 8
     conversations: list[dict] = []
@@ -203,47 +210,56 @@ def generate_conversations(tokenizer: Any, shape: DataShape, max_seq_len: int) -
     while len(conversations) < total:
         target = round(rng.lognormvariate(mu, shape.sigma))
         target = max(shape.min_tokens, min(cap, target))
-        turns = 2 if rng.random() < shape.multi_turn_fraction else 1
+        turns = 2 if target > 100 and rng.random() < shape.multi_turn_fraction else 1
         system = rng.choice(SYSTEM_PROMPTS)
-        # Budget per turn: overhead of markers is ~6 tokens per message.
-        budget = max(8, (target - 8 - 12 * turns) // turns)
+        kinds = [rng.random() for _ in range(turns)]
+        prompts = [
+            "Repeat exactly: "
+            if k < 0.33
+            else rng.choice(("Continue the story: ", "Tell me more. ", "Go on: ", ""))
+            for k in kinds
+        ]
+        # What the conversation costs with empty texts: the rest of the target is content.
+        skeleton = [{"role": "system", "content": system}]
+        for prompt in prompts:
+            skeleton += [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+        overhead = _n_tokens(tokenizer, skeleton)
+        budget = max(2, (target - overhead) // turns)
         messages: list[dict[str, str]] = [{"role": "system", "content": system}]
-        for _ in range(turns):
-            kind = rng.random()
-            user_budget = max(4, int(budget * rng.uniform(0.25, 0.6)))
+        for kind, prompt in zip(kinds, prompts, strict=True):
             if kind < 0.33:
-                user_budget = budget // 2
-            user, used = _fill(rng, sentences, sent_tokens, user_budget)
-            if kind < 0.33:
-                messages.append({"role": "user", "content": "Repeat exactly: " + user})
-                messages.append({"role": "assistant", "content": user})
+                text, _ = _fill(rng, words, word_tokens, max(1, budget // 2))
+                messages.append({"role": "user", "content": prompt + text})
+                messages.append({"role": "assistant", "content": text})
             else:
-                prompt = rng.choice(("Continue the story: ", "Tell me more. ", "Go on: ", ""))
+                user_budget = max(1, int(budget * rng.uniform(0.2, 0.6)))
+                user, used = _fill(rng, words, word_tokens, user_budget)
+                answer, _ = _fill(rng, words, word_tokens, max(1, budget - used))
                 messages.append({"role": "user", "content": prompt + user})
-                answer, _ = _fill(rng, sentences, sent_tokens, max(4, budget - used))
                 messages.append({"role": "assistant", "content": answer})
-        n = len(
-            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        )
-        if n > cap:
-            continue  # redraw: nobody may truncate or drop an example
+        if _n_tokens(tokenizer, messages) > cap:
+            continue
         conversations.append({"messages": messages})
     return conversations
 
 
+def _n_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    return len(
+        tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    )
+
+
 def _fill(
-    rng: random.Random, sentences: list[str], sent_tokens: list[int], budget: int
+    rng: random.Random, words: list[str], word_tokens: list[int], budget: int
 ) -> tuple[str, int]:
-    start = rng.randrange(len(sentences))
+    """A run of corpus words of about ``budget`` tokens (at least one word)."""
+    i = rng.randrange(len(words))
     out: list[str] = []
     used = 0
-    i = start
-    while not out or used + sent_tokens[i % len(sentences)] <= budget:
-        out.append(sentences[i % len(sentences)])
-        used += sent_tokens[i % len(sentences)]
-        i += 1
-        if rng.random() < 0.1:  # jump elsewhere in the corpus now and then
-            i = rng.randrange(len(sentences))
+    while not out or used + word_tokens[i] <= budget:
+        out.append(words[i])
+        used += word_tokens[i]
+        i = (i + 1) % len(words)
     return " ".join(out), used
 
 
@@ -338,16 +354,23 @@ def model_flops(lengths: list[int], counts: dict[str, int]) -> float:
     return float(sum(n * per_token + attn * n * n for n in lengths))
 
 
-def matmul_peak(threads: int, size: int, repeats: int = 15) -> float:
-    """Best float32 matmul FLOP/s on ``threads`` threads, in a fresh process."""
+def matmul_peak(threads: int, size: int, dtype: str = "float32", seconds: float = 4.0) -> float:
+    """Best ``dtype`` matmul FLOP/s on ``threads`` threads, in a fresh process.
+
+    The best of the products timed during ``seconds``: on a machine other processes share, the
+    best one is the one that ran alone, which is the peak this measures.
+    """
     code = (
-        "import time, torch, json, sys\n"
+        "import time, torch, json\n"
         f"torch.set_num_threads({threads}); n = {size}\n"
-        "a = torch.randn(n, n); b = torch.randn(n, n); c = torch.empty(n, n)\n"
+        f"dt = torch.{dtype}\n"
+        "a = torch.randn(n, n, dtype=dt); b = torch.randn(n, n, dtype=dt)\n"
+        "c = torch.empty(n, n, dtype=dt)\n"
         "for _ in range(3): torch.matmul(a, b, out=c)\n"
-        "best = float('inf')\n"
-        f"for _ in range({repeats}):\n"
-        "    t = time.perf_counter(); torch.matmul(a, b, out=c); best = min(best, time.perf_counter() - t)\n"
+        "best = float('inf'); end = time.perf_counter() + " + repr(seconds) + "\n"
+        "while time.perf_counter() < end:\n"
+        "    t = time.perf_counter(); torch.matmul(a, b, out=c)\n"
+        "    best = min(best, time.perf_counter() - t)\n"
         "print(json.dumps({'flops': 2 * n ** 3 / best}))\n"
     )
     out = subprocess.run(
@@ -362,6 +385,10 @@ def matmul_peak(threads: int, size: int, repeats: int = 15) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Child processes, timed and measured
+
+
+# Set from --omp-wait-policy by main(); one value for every process of the run.
+_OMP_WAIT_POLICY: list[str] = ["PASSIVE"]
 
 
 def _child_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -380,6 +407,8 @@ def _child_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, s
             "DISABLE_VERSION_CHECK": "1",
         }
     )
+    if _OMP_WAIT_POLICY[0]:
+        env["OMP_WAIT_POLICY"] = _OMP_WAIT_POLICY[0]
     env.pop("VIRTUAL_ENV", None)
     env.update(extra or {})
     return env
@@ -391,17 +420,94 @@ class ProcResult:
     seconds: float
     peak_rss_mib: float | None
     cpu_percent: float | None
-    stdout: str
+    lines: list[tuple[float, str]]  # stdout lines with their arrival time (s since start)
+    err_lines: list[tuple[float, str]]  # the same for stderr
+    # (s since start, CPU seconds of the process tree, machine busy jiffies, machine jiffies)
+    samples: list[tuple[float, float, int, int]]
+
+    @property
+    def stdout(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def first_line(self, needle: str) -> float | None:
+        """Arrival time of the first stdout or stderr line containing ``needle``."""
+        hits = [t for t, line in (*self.lines, *self.err_lines) if needle in line]
+        return min(hits) if hits else None
+
+    def window(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """(CPU seconds of the training process tree, cores others used) during [start, end]."""
+        if len(self.samples) < 2 or end <= start:
+            return None, None
+        cpu0, busy0, total0 = _interpolate(self.samples, start)
+        cpu1, busy1, total1 = _interpolate(self.samples, end)
+        cpu = cpu1 - cpu0
+        other = None
+        if total1 > total0:
+            busy_cores = (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+            other = max(0.0, busy_cores - cpu / (end - start))
+        return cpu, other
+
+
+def _interpolate(
+    samples: list[tuple[float, float, int, int]], t: float
+) -> tuple[float, float, float]:
+    before = [s for s in samples if s[0] <= t] or samples[:1]
+    after = [s for s in samples if s[0] >= t] or samples[-1:]
+    a, b = before[-1], after[0]
+    if b[0] == a[0]:
+        return a[1], float(a[2]), float(a[3])
+    f = (t - a[0]) / (b[0] - a[0])
+    return tuple(x + f * (y - x) for x, y in zip(a[1:], b[1:], strict=True))  # type: ignore[return-value]
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def machine_busy_cores(interval: float = 2.0) -> float:
+    b0, t0 = _cpu_jiffies()
+    time.sleep(interval)
+    b1, t1 = _cpu_jiffies()
+    return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.3) -> float:
+    """Wait (up to max_wait s) until other processes use < threshold cores; return the last load."""
+    deadline = time.monotonic() + max_wait
+    busy = machine_busy_cores(1.0)
+    while busy >= threshold and time.monotonic() < deadline:
+        print(f"[bench] machine busy ({busy:.2f} cores used by others); waiting ...", flush=True)
+        busy = machine_busy_cores(3.0)
+    return busy
 
 
 def run_measured(
     cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path, timeout: float
 ) -> ProcResult:
-    """Run one training process; wall time, peak RSS and CPU% of its whole process tree."""
+    """Run one training process and watch it.
+
+    Peak RSS and CPU % of the whole process tree come from GNU time (wait4's rusage); stdout and
+    stderr lines are timestamped as they arrive; every 0.2 s a poller records the CPU seconds of
+    the process tree and the machine's /proc/stat counters, so that the CPU the training loop
+    got, and what other processes used meanwhile, can be read for any time window.
+    """
+    import psutil
+
     gnu_time = Path("/usr/bin/time")
     time_file = log_path.with_suffix(".time")
     full = [str(gnu_time), "-v", "-o", str(time_file), *cmd] if gnu_time.exists() else cmd
     peak_polled = [0]
+    lines: list[tuple[float, str]] = []
+    err_lines: list[tuple[float, str]] = []
+    samples: list[tuple[float, float, int, int]] = []
+    lock = threading.Lock()
     with log_path.open("w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
@@ -409,21 +515,54 @@ def run_measured(
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
-            stderr=log,
+            stderr=subprocess.PIPE,
             text=True,
+            bufsize=1,
             start_new_session=True,
         )
         stop = threading.Event()
-        if not gnu_time.exists():
-            threading.Thread(
-                target=_poll_rss, args=(proc.pid, peak_polled, stop), daemon=True
-            ).start()
+
+        def _read(stream: Any, into: list[tuple[float, str]], tag: str) -> None:
+            for line in stream:
+                t = time.perf_counter() - t0
+                into.append((t, line.rstrip("\n")))
+                with lock:
+                    log.write(f"{t:9.3f} {tag} {line}")
+
+        def _poll() -> None:
+            root = psutil.Process(proc.pid)
+            while not stop.is_set():
+                t = time.perf_counter() - t0
+                try:
+                    procs = [root, *root.children(recursive=True)]
+                    cpu = 0.0
+                    rss = 0
+                    for p in procs:
+                        with contextlib.suppress(psutil.Error):
+                            times = p.cpu_times()
+                            cpu += times.user + times.system
+                            rss += p.memory_info().rss
+                    peak_polled[0] = max(peak_polled[0], rss)
+                except psutil.Error:
+                    break
+                busy, total = _cpu_jiffies()
+                samples.append((t, cpu, busy, total))
+                stop.wait(0.2)
+
+        readers = [
+            threading.Thread(target=_read, args=(proc.stdout, lines, "out"), daemon=True),
+            threading.Thread(target=_read, args=(proc.stderr, err_lines, "err"), daemon=True),
+            threading.Thread(target=_poll, daemon=True),
+        ]
+        for thread in readers:
+            thread.start()
         try:
-            stdout, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            stdout, _ = proc.communicate()
-            log.write(f"\n[bench] killed after {timeout:.0f} s\n")
+            proc.wait()
+            with lock:
+                log.write(f"\n[bench] killed after {timeout:.0f} s\n")
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -432,7 +571,8 @@ def run_measured(
         finally:
             stop.set()
         seconds = time.perf_counter() - t0
-        log.write("\n[bench] stdout:\n" + stdout)
+        for thread in readers:
+            thread.join(timeout=10)
     rss = cpu = None
     if time_file.exists():
         text = time_file.read_text()
@@ -442,20 +582,7 @@ def run_measured(
         cpu = float(m.group(1)) if m else None
     elif peak_polled[0]:
         rss = peak_polled[0] / 2**20
-    return ProcResult(proc.returncode, seconds, rss, cpu, stdout)
-
-
-def _poll_rss(pid: int, peak: list[int], stop: threading.Event) -> None:
-    import psutil
-
-    while not stop.is_set():
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-            peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs))
-        except psutil.Error:
-            pass
-        stop.wait(0.05)
+    return ProcResult(proc.returncode, seconds, rss, cpu, lines, err_lines, samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,15 +598,16 @@ class Context:
     lf_venv: Path
     timeout: float
     train_examples: int
+    quiet_wait: float
 
 
 def _run_llamafactory(ctx: Context, result: RunResult, variant: str) -> None:
     h = ctx.hyper
     out = ctx.tmp / "runs" / result.name
-    lines = {
+    config: dict[str, Any] = {
         "model_name_or_path": str(ctx.model_dir),
         "stage": "sft",
-        "do_train": "true",
+        "do_train": True,
         "finetuning_type": "lora",
         "lora_target": "all",
         "lora_rank": h.rank,
@@ -489,12 +617,12 @@ def _run_llamafactory(ctx: Context, result: RunResult, variant: str) -> None:
         "dataset_dir": str(ctx.paths["lf_dir"]),
         "template": "qwen",
         "cutoff_len": h.max_seq_len,
-        "overwrite_cache": "true",
+        "overwrite_cache": True,
         "output_dir": str(out),
-        "overwrite_output_dir": "true",
+        "overwrite_output_dir": True,
         "logging_steps": 10,
         "save_strategy": "no",
-        "plot_loss": "false",
+        "plot_loss": False,
         "per_device_train_batch_size": h.batch_size,
         "gradient_accumulation_steps": 1,
         "learning_rate": h.learning_rate,
@@ -502,20 +630,22 @@ def _run_llamafactory(ctx: Context, result: RunResult, variant: str) -> None:
         "lr_scheduler_type": "linear",
         "warmup_steps": 0,
         "optim": "adamw_torch",
-        "bf16": "false",
-        "fp16": "false",
-        "use_cpu": "true",
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": True,
         "seed": h.seed,
         "data_seed": h.seed,
         "report_to": "none",
-        "disable_tqdm": "true",
+        "disable_tqdm": True,
     }
     if variant == "packing":
-        lines["packing"] = "true"
+        config["packing"] = True
     elif variant == "neat_packing":
-        lines["neat_packing"] = "true"
+        config["neat_packing"] = True
+    # Every value as a JSON scalar (valid YAML): a bare `no` would read as False. (0.9.5's
+    # JSON config path passes a Path to json.load, so YAML it is.)
     cfg = ctx.tmp / f"{result.name}.yaml"
-    cfg.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+    cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))
     cli = ctx.lf_venv / "bin" / "llamafactory-cli"
     env = _child_env(
         h.threads,
@@ -533,10 +663,11 @@ def _run_llamafactory(ctx: Context, result: RunResult, variant: str) -> None:
         return
     metrics = json.loads((out / "train_results.json").read_text())
     result.train_seconds = float(metrics["train_runtime"])
-    result.train_loss = metrics.get("train_loss")
     state = json.loads((out / "trainer_state.json").read_text())
+    result.train_loss = _last_logged_loss(state.get("log_history", []))
     result.steps = state.get("global_step")
     result.reported = {k: metrics[k] for k in metrics if k != "epoch"}
+    _train_window(result, proc, proc.first_line("***** Running training *****"))
     result.adapter_dir = str(out)
     result.status = "ok"
 
@@ -564,28 +695,121 @@ def _run_hf(ctx: Context, result: RunResult) -> None:
         return
     final = _last_json(proc.stdout, "result")
     result.train_seconds = float(final["train_runtime"])
-    result.train_loss = final.get("train_loss")
+    result.train_loss = final.get("last_logged_loss")
     result.steps = final.get("steps")
     result.reported = final
+    _train_window(result, proc, proc.first_line('"event": "train_begin"'))
     result.adapter_dir = str(out)
     result.status = "ok"
 
 
-def _run_loraplex(ctx: Context, result: RunResult) -> None:
-    """Our recipe: ``python -m workers.training.run SPEC.json``, events on stdout."""
-    try:
-        from workers.training import run as _run_module  # noqa: F401
-        from workers.training.spec import TrainingSpec  # noqa: F401
-    except ImportError as exc:
-        result.status, result.note = "pending", f"recipe not importable: {exc}"
+def _run_loraplex(ctx: Context, result: RunResult, dtype: str) -> None:
+    """Our recipe: ``python -m workers.training.run SPEC.json``, JSON-line events on stdout.
+
+    The data goes the way the worker sends it: the JSONL bytes through
+    ``common.datasets.iter_examples`` into ``workers.training.data.tokenize_to_file`` (done here,
+    before the timed process starts, as the worker's validation stage does). The recipe's
+    ``done`` event reports ``seconds`` since its process started (imports and model load
+    included), so train seconds are measured on the event stream instead: from the arrival of
+    ``started`` (sent from the trainer's ``on_train_begin``, where the HF Trainer starts its
+    ``train_runtime`` clock) to the arrival of the last ``metrics`` event (the last step is
+    always logged). Event lines are flushed one by one, so arrival is within a millisecond.
+    """
+    from common.datasets import iter_examples
+    from workers.training.data import tokenize_to_file
+    from workers.training.spec import TrainingSpec
+
+    h = ctx.hyper
+    run_dir = ctx.tmp / "runs" / result.name
+    data_dir = ctx.tmp / "loraplex_data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_file = data_dir / "train.safetensors"
+    valid_file = data_dir / "valid.safetensors"
+    stats: dict[str, Any] = {}
+    for src, dst, key in (
+        (ctx.paths["train_jsonl"], train_file, "train"),
+        (ctx.paths["heldout_jsonl"], valid_file, "valid"),
+    ):
+        if not dst.exists():
+            records = iter_examples([src.read_bytes()])
+            got = tokenize_to_file(
+                records,
+                ctx.model_dir,
+                dst,
+                method="sft",
+                max_seq_len=h.max_seq_len,
+                on_overflow="truncate",
+            )
+            stats[key] = {k: v for k, v in got.to_dict().items() if not isinstance(v, list)}
+            stats[key]["truncated"] = len(got.truncated)
+            stats[key]["skipped"] = len(got.skipped)
+    spec = TrainingSpec(
+        method="sft",
+        base_model_path=str(ctx.model_dir),
+        base_model_name="loraplex-bench-tiny",
+        train_data=str(train_file),
+        valid_data=str(valid_file),
+        output_dir=str(run_dir / "adapter"),
+        checkpoint_dir=str(run_dir / "checkpoints"),
+        seed=h.seed,
+        n_epochs=h.epochs,
+        batch_size=h.batch_size,
+        learning_rate=h.learning_rate,
+        warmup_ratio=0.0,
+        lora_rank=h.rank,
+        lora_alpha=h.alpha,
+        lora_dropout=h.dropout,
+        target_modules="all-linear",
+        max_seq_len=h.max_seq_len,
+        packing=True,
+        checkpoint_every_steps=0,
+        logging_steps=10,
+        dtype=dtype,
+        num_threads=h.threads,
+    )
+    spec_path = ctx.tmp / f"{result.name}.spec.json"
+    spec.save(spec_path)
+    env = _child_env(h.threads, {"HF_HOME": str(ctx.tmp / "hf_home"), "PYTHONPATH": str(ROOT)})
+    cmd = [sys.executable, "-m", "workers.training.run", str(spec_path)]
+    proc = _measured(ctx, result, cmd, env)
+    events = []
+    for t, line in proc.lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            obj = json.loads(line)
+            if isinstance(obj, dict) and "type" in obj:
+                events.append((t, obj))
+    errors = [e for _, e in events if e["type"] == "error"]
+    if proc.rc != 0 or errors:
+        message = errors[0].get("message", "") if errors else ""
+        result.status, result.note = "failed", f"exit {proc.rc} {message}".strip()
         return
-    result.status, result.note = "pending", "recipe runner not wired yet"
+    started = [t for t, e in events if e["type"] == "started"]
+    metrics = [(t, e) for t, e in events if e["type"] == "metrics"]
+    done = [e for _, e in events if e["type"] == "done"]
+    if not started or not metrics or not done:
+        result.status, result.note = "failed", "missing started/metrics/done events"
+        return
+    result.train_seconds = metrics[-1][0] - started[0]
+    _train_window(result, proc, started[0])
+    final = done[-1]["metrics"]
+    result.train_loss = final.get("train_loss")
+    result.steps = final.get("steps")
+    result.reported = {
+        "started": next(e for _, e in events if e["type"] == "started"),
+        "done_metrics": final,
+        "window_tokens_per_second": [e.get("tokens_per_second") for _, e in metrics],
+        "tokenize_stats": stats,
+    }
+    result.adapter_dir = str(run_dir / "adapter")
+    result.status = "ok"
 
 
 def _measured(ctx: Context, result: RunResult, cmd: list[str], env: dict[str, str]) -> ProcResult:
     log_path = ctx.tmp / "logs" / f"{result.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     result.log_path = str(log_path)
+    if ctx.quiet_wait > 0:
+        wait_until_quiet(ctx.quiet_wait)
     print(f"[bench] {result.name}: training ...", flush=True)
     proc = run_measured(cmd, env=env, cwd=ctx.tmp, log_path=log_path, timeout=ctx.timeout)
     result.process_seconds = proc.seconds
@@ -595,6 +819,21 @@ def _measured(ctx: Context, result: RunResult, cmd: list[str], env: dict[str, st
         tail = log_path.read_text()[-3000:]
         print(f"[bench] {result.name} failed (exit {proc.rc}); log tail:\n{tail}", flush=True)
     return proc
+
+
+def _train_window(result: RunResult, proc: ProcResult, start: float | None) -> None:
+    """CPU the training loop got and the machine's other load, over [start, start + train s]."""
+    if start is None or not result.train_seconds:
+        return
+    cpu, other = proc.window(start, start + result.train_seconds)
+    result.train_cpu_seconds = cpu
+    result.other_cores = other
+
+
+def _last_logged_loss(history: list[dict[str, Any]]) -> float | None:
+    """The training loss of the last logging window (the recipe reports the same figure)."""
+    losses = [float(h["loss"]) for h in history if "loss" in h]
+    return losses[-1] if losses else None
 
 
 def _last_json(stdout: str, event: str) -> dict[str, Any]:
@@ -623,6 +862,7 @@ def child_hf(params: dict[str, Any]) -> None:
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
 
@@ -661,13 +901,25 @@ def child_hf(params: dict[str, Any]) -> None:
         disable_tqdm=True,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
+
+    class Marker(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            print(json.dumps({"event": "train_begin"}), flush=True)
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=collator,
+        callbacks=[Marker()],
+    )
     out = trainer.train()
     model.save_pretrained(params["out"])
     final = {
         "event": "result",
         "train_runtime": out.metrics["train_runtime"],
         "train_loss": out.metrics.get("train_loss"),
+        "last_logged_loss": _last_logged_loss(trainer.state.log_history),
         "steps": out.global_step,
     }
     print(json.dumps(final), flush=True)
@@ -758,34 +1010,49 @@ def _heldout_loss(model: Any, features: list[dict], pad_id: int, batch: int = 8)
 # Report
 
 
-def verdicts(results: dict[str, RunResult], tolerance: float) -> list[dict[str, Any]]:
-    ours = results.get("loraplex")
+def verdicts(
+    results: dict[str, RunResult], tolerance: float, ours_name: str = "loraplex"
+) -> list[dict[str, Any]]:
+    """The DESIGN §11 checks for ``ours_name`` against the LLaMA-Factory runs."""
+    ours = results.get(ours_name)
     out: list[dict[str, Any]] = []
-    for ref, target in (("lf_default", 1.5), ("lf_packing", 1.0)):
+    for ref, target in (("lf_default", 1.5), ("lf_packing", 1.0), ("lf_neat_packing", None)):
         other = results.get(ref)
-        row: dict[str, Any] = {"name": f"tokens/s: ours / {ref}", "target": f">= {target}x"}
-        if ours and other and ours.tokens_per_second and other.tokens_per_second:
+        if other is None:
+            continue
+        row: dict[str, Any] = {
+            "ours": ours_name,
+            "name": f"tokens/s: {ours_name} / {ref}",
+            "target": f">= {target}x" if target else "(info)",
+        }
+        if ours and ours.tokens_per_second and other.tokens_per_second:
             ratio = ours.tokens_per_second / other.tokens_per_second
-            row.update(value=f"{ratio:.2f}x", ratio=ratio, passed=ratio >= target)
+            passed = ratio >= target if target else "info"
+            row.update(value=f"{ratio:.2f}x", ratio=ratio, passed=passed)
+            if ours.cpu_tokens_per_second and other.cpu_tokens_per_second:
+                cpu_ratio = ours.cpu_tokens_per_second / other.cpu_tokens_per_second
+                row["cpu_ratio"] = cpu_ratio
+                row["value"] += f" (per CPU: {cpu_ratio:.2f}x)"
         else:
             row.update(value="n/a", passed=None)
         out.append(row)
     for ref in ("lf_default", "lf_packing", "lf_neat_packing"):
         other = results.get(ref)
+        if other is None:
+            continue
         row = {
-            "name": f"held-out loss: ours vs {ref}",
-            "target": f"<= {ref} * {1 + tolerance:.2f}",
+            "ours": ours_name,
+            "name": f"held-out loss: {ours_name} vs {ref}",
+            "target": f"<= {ref} x {1 + tolerance:.2f}",
         }
-        if ours and other and ours.heldout_loss is not None and other.heldout_loss is not None:
+        if ours and ours.heldout_loss is not None and other.heldout_loss is not None:
             limit = other.heldout_loss * (1 + tolerance)
             row.update(
                 value=f"{ours.heldout_loss:.4f} vs {other.heldout_loss:.4f}",
                 passed=ours.heldout_loss <= limit,
             )
-        elif other and other.status == "ok":
-            row.update(value="n/a", passed=None)
         else:
-            continue
+            row.update(value="n/a", passed=None)
         out.append(row)
     return out
 
@@ -796,31 +1063,38 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(results: dict[str, RunResult], base_loss: float | None) -> str:
     head = (
-        "| run | real tok/s | train s | process s | steps | peak RSS MiB | CPU % | MFU "
-        "| train loss | held-out loss |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| run | real tok/s | tok/s per CPU | train s | process s | steps | peak RSS MiB "
+        "| train cores | others' cores | MFU | last train loss | held-out loss |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in results.values():
+        cores = (
+            r.train_cpu_seconds / r.train_seconds
+            if r.train_cpu_seconds and r.train_seconds
+            else None
+        )
         if r.status != "ok":
-            rows.append(f"| {r.label} | {r.status}: {r.note} | | | | | | | | |")
+            rows.append(f"| {r.label} | {r.status}: {r.note} | | | | | | | | | | |")
             continue
         rows.append(
-            f"| {r.label} | {_fmt(r.tokens_per_second, '.0f')} | {_fmt(r.train_seconds, '.1f')} "
+            f"| {r.label} | {_fmt(r.tokens_per_second, '.0f')} "
+            f"| {_fmt(r.cpu_tokens_per_second, '.0f')} | {_fmt(r.train_seconds, '.1f')} "
             f"| {_fmt(r.process_seconds, '.1f')} | {r.steps if r.steps is not None else 'n/a'} "
-            f"| {_fmt(r.peak_rss_mib, '.0f')} | {_fmt(r.cpu_percent, '.0f')} "
+            f"| {_fmt(r.peak_rss_mib, '.0f')} "
+            f"| {_fmt(cores, '.2f')} | {_fmt(r.other_cores, '.2f')} "
             f"| {_fmt(None if r.mfu is None else 100 * r.mfu, '.1f')}% "
             f"| {_fmt(r.train_loss, '.4f')} | {_fmt(r.heldout_loss, '.4f')} |"
         )
     if base_loss is not None:
-        rows.append(f"| base model, untrained | | | | | | | | | {base_loss:.4f} |")
+        rows.append(f"| base model, untrained | | | | | | | | | | | {base_loss:.4f} |")
     return head + "\n".join(rows) + "\n"
 
 
 def markdown_verdicts(rows: list[dict[str, Any]]) -> str:
     lines = ["| check | target | value | verdict |", "|---|---|---|---|"]
     for r in rows:
-        verdict = {True: "PASS", False: "FAIL", None: "pending"}[r["passed"]]
+        verdict = {True: "PASS", False: "FAIL", None: "pending", "info": "-"}[r["passed"]]
         lines.append(f"| {r['name']} | {r['target']} | {r['value']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -848,11 +1122,11 @@ def temp_dir(keep: bool) -> Iterator[Path]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="smoke run: 100 examples, ~3 minutes")
+    p.add_argument("--quick", action="store_true", help="smoke run: 64 examples, a few minutes")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--runs", default=",".join(ALL_RUNS), help=f"subset of {','.join(ALL_RUNS)}")
-    p.add_argument("--examples", type=int, help="training examples (default 1200; quick 100)")
-    p.add_argument("--heldout", type=int, help="held-out examples (default 100; quick 20)")
+    p.add_argument("--examples", type=int, help="training examples (default 1000; quick 64)")
+    p.add_argument("--heldout", type=int, help="held-out examples (default 100; quick 16)")
     p.add_argument("--median-tokens", type=int, default=DataShape.median_tokens)
     p.add_argument("--sigma", type=float, default=DataShape.sigma)
     p.add_argument("--rank", type=int, default=Hyper.rank)
@@ -867,18 +1141,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lf-venv", type=Path, default=LF_VENV_DEFAULT)
     p.add_argument("--timeout", type=float, default=1200, help="per training run, seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20,
+        help="before each run, wait up to this many seconds for other processes to go idle",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for every run ('' leaves it unset); see the docstring",
+    )
     return p.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def recipe_fingerprint() -> str:
+    """sha256 of the recipe's sources, so a report names the code it measured."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "workers" / "training").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Clean up (children killed, temporary directory removed) on Ctrl-C and on kill, also when
+    # started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = set(runs) - set(ALL_RUNS)
     if unknown:
         raise SystemExit(f"unknown runs: {sorted(unknown)}")
     shape = DataShape(
-        train_examples=args.examples or (100 if args.quick else DataShape.train_examples),
-        heldout_examples=args.heldout or (20 if args.quick else DataShape.heldout_examples),
+        train_examples=args.examples or (64 if args.quick else DataShape.train_examples),
+        heldout_examples=args.heldout or (16 if args.quick else DataShape.heldout_examples),
         median_tokens=args.median_tokens,
         sigma=args.sigma,
     )
@@ -891,6 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         threads=args.threads,
     )
+    _OMP_WAIT_POLICY[0] = args.omp_wait_policy
     started = time.time()
     if any(r.startswith("lf_") for r in runs):
         ensure_lf_venv(args.lf_venv)
@@ -931,8 +1235,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] data: {json.dumps(data_stats)}", flush=True)
         print(f"[bench] model: {json.dumps(counts)}", flush=True)
 
+        if args.quiet_wait > 0:
+            wait_until_quiet(args.quiet_wait)
         peak_before = matmul_peak(hyper.threads, args.peak_size)
         print(f"[bench] matmul peak (fp32, before): {peak_before / 1e9:.1f} GFLOP/s", flush=True)
+        bf16_before = matmul_peak(hyper.threads, args.peak_size, "bfloat16")
+        print(f"[bench] matmul peak (bf16, before): {bf16_before / 1e9:.1f} GFLOP/s", flush=True)
 
         ctx = Context(
             tmp=tmp,
@@ -942,6 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
             lf_venv=args.lf_venv,
             timeout=args.timeout,
             train_examples=shape.train_examples,
+            quiet_wait=args.quiet_wait,
         )
         results: dict[str, RunResult] = {}
         for name in runs:
@@ -957,25 +1266,40 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "hf_padding":
                     _run_hf(ctx, result)
                 elif name == "loraplex":
-                    _run_loraplex(ctx, result)
+                    _run_loraplex(ctx, result, "float32")
+                elif name == "loraplex_auto":
+                    _run_loraplex(ctx, result, "auto")
             except Exception as exc:
                 result.status, result.note = "failed", f"{type(exc).__name__}: {exc}"
                 print(f"[bench] {name} failed: {result.note}", flush=True)
             if result.status == "ok" and result.train_seconds:
                 result.tokens_per_second = real_tokens * hyper.epochs / result.train_seconds
+                if result.train_cpu_seconds:
+                    result.cpu_tokens_per_second = (
+                        real_tokens * hyper.epochs / (result.train_cpu_seconds / hyper.threads)
+                    )
                 print(
                     f"[bench] {name}: {result.tokens_per_second:.0f} real tok/s, "
                     f"train {result.train_seconds:.1f} s, process {result.process_seconds:.1f} s, "
-                    f"peak RSS {result.peak_rss_mib} MiB",
+                    f"peak RSS {_fmt(result.peak_rss_mib, '.0f')} MiB, "
+                    f"training loop got {_fmt(result.train_cpu_seconds, '.0f')} CPU s, "
+                    f"others used {_fmt(result.other_cores, '.2f')} cores",
                     flush=True,
                 )
 
+        if args.quiet_wait > 0:
+            wait_until_quiet(args.quiet_wait)
         peak_after = matmul_peak(hyper.threads, args.peak_size)
         peak = max(peak_before, peak_after)
         print(f"[bench] matmul peak (fp32, after): {peak_after / 1e9:.1f} GFLOP/s", flush=True)
+        bf16_after = matmul_peak(hyper.threads, args.peak_size, "bfloat16")
+        bf16_peak = max(bf16_before, bf16_after)
+        print(f"[bench] matmul peak (bf16, after): {bf16_after / 1e9:.1f} GFLOP/s", flush=True)
         for r in results.values():
             if r.status == "ok" and r.train_seconds:
-                r.mfu = flops_total / r.train_seconds / peak
+                # A run computing in bf16 (our recipe's "auto" here) is held to the bf16 peak.
+                bf16 = r.reported.get("started", {}).get("dtype") == "bfloat16"
+                r.mfu = flops_total / r.train_seconds / (bf16_peak if bf16 else peak)
 
         print("[bench] evaluating every adapter on the held-out set ...", flush=True)
         adapters: dict[str, str | None] = {"base": None}
@@ -987,16 +1311,27 @@ def main(argv: list[str] | None = None) -> int:
         base_loss = losses.get("base")
 
         checks = verdicts(results, args.loss_tolerance)
+        if "loraplex_auto" in results:
+            checks += verdicts(results, args.loss_tolerance, "loraplex_auto")
         table = markdown_table(results, base_loss)
         ratios = markdown_verdicts(checks)
         elapsed = time.time() - started
         print()
         print(table)
         print(ratios)
+        for name in ("loraplex", "loraplex_auto"):
+            r = results.get(name)
+            if r is not None and r.status == "ok":
+                own = r.reported.get("done_metrics", {})
+                print(
+                    f"{name}: the recipe's own valid_loss {own.get('valid_loss')} vs the shared "
+                    f"evaluation {r.heldout_loss}; its trained_tokens {own.get('trained_tokens')}"
+                )
         print(
             f"real tokens/epoch {real_tokens}; model FLOPs/epoch {flops_total / 1e12:.3f} TFLOP; "
             f"matmul peak {peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, "
-            f"after {peak_after / 1e9:.1f}); total bench time {elapsed:.0f} s"
+            f"after {peak_after / 1e9:.1f}); bf16 matmul peak {bf16_peak / 1e9:.1f} GFLOP/s; "
+            f"total bench time {elapsed:.0f} s"
         )
         if args.json:
             report = {
@@ -1011,6 +1346,11 @@ def main(argv: list[str] | None = None) -> int:
                 "model": counts,
                 "model_flops_per_epoch": flops_total,
                 "matmul_peak_flops": {"before": peak_before, "after": peak_after, "used": peak},
+                "bf16_matmul_peak_flops": {
+                    "before": bf16_before,
+                    "after": bf16_after,
+                    "used": bf16_peak,
+                },
                 "base_heldout_loss": base_loss,
                 "loss_tolerance": args.loss_tolerance,
                 "runs": {
@@ -1020,6 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
                 "checks": checks,
                 "elapsed_seconds": elapsed,
                 "quick": args.quick,
+                "recipe_sources_sha256": recipe_fingerprint(),
+                "omp_wait_policy": args.omp_wait_policy,
             }
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")

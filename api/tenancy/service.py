@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from api.tenancy import keys
@@ -152,7 +153,9 @@ def authenticate(
     if key.last_used_at is None or now - key.last_used_at >= _TOUCH_INTERVAL_SECONDS:
         # Its own short transaction: holding the key's row lock until the request commits
         # would serialize every concurrent request made with this key.
-        with session.get_bind().connect() as conn:
+        engine = session.get_bind()
+        assert isinstance(engine, Engine)
+        with engine.connect() as conn:
             ApiKeyRepository.touch(conn, key.id, now, _TOUCH_INTERVAL_SECONDS)
             conn.commit()
     return principal

@@ -241,3 +241,41 @@ def test_two_process_ddp_run(stack: TrainingStack, tenant: TenantCreds, nproc: i
     final = _wait_terminal(stack, tenant, job.id, timeout=300)
     assert final["status"] == "succeeded", stack.worker_log("w-ddp")
     assert len(stack.keys(f"tenants/{tenant.tenant_id}/models/{job.id}/")) == 3
+
+
+def test_the_fine_tune_really_learns(
+    stack: TrainingStack, tenant: TenantCreds, tiny_model_dir, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Facts the base model cannot know: 0% exact before, >= 90% with the published adapter."""
+    from tests.fixtures.facts import FACTS_PATH, exact_match_rate
+
+    stack.start_worker("w-facts")
+    client = _client(stack, tenant)
+    # OpenAI caps n_epochs at 50, so the file carries each fact four times: 8 steps an epoch
+    # at batch 8, 400 steps in all (the recipe's own test needs about 150 full passes).
+    file_id = _upload(client, FACTS_PATH.read_bytes() * 4, "facts.jsonl")
+    hyper = {
+        "n_epochs": 50,
+        "batch_size": 8,
+        "learning_rate_multiplier": 10,
+        "lora_rank": 16,
+        "max_seq_len": 256,
+    }
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=file_id,
+        seed=0,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+    )
+    final = _wait_terminal(stack, tenant, job.id, timeout=400)
+    assert final["status"] == "succeeded", stack.worker_log("w-facts")
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    s3 = stack.s3()
+    prefix = f"{stack.s3_prefix}/tenants/{tenant.tenant_id}/models/{job.id}"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        body = s3.get_object(Bucket=stack.bucket, Key=f"{prefix}/{name}")["Body"].read()
+        (adapter / name).write_bytes(body)
+    assert exact_match_rate(tiny_model_dir) == 0.0
+    assert exact_match_rate(tiny_model_dir, adapter) >= 0.9

@@ -1,0 +1,73 @@
+"""The event stream the parent worker reads: one JSON object per line on the process's stdout.
+
+Events (every one has ``type``; floats that are not finite become null):
+
+* ``started``: ``total_steps``, ``resumed_from_step`` (int or null), ``device``, ``dtype``,
+  ``attn``, plus ``examples``, ``examples_per_step`` for the curious.
+* ``metrics``: ``step``, ``train_loss``, ``train_mean_token_accuracy``, ``learning_rate``,
+  ``tokens_per_second`` (real, non-pad tokens over training time, all processes), ``epoch``.
+* ``eval``: ``step``, ``valid_loss``, ``valid_mean_token_accuracy``.
+* ``checkpoint``: ``step``, ``path``, ``metrics`` (latest train/valid figures); sent only once the
+  folder is complete.
+* ``done``: ``adapter_dir``, ``metrics`` (``train_loss``, ``valid_loss``, ``trained_tokens``,
+  ``steps``, ``seconds``); the process then exits 0.
+* ``paused``: ``step``; after the checkpoint event of that step; exit 0.
+* ``error``: ``message`` (one line); exit 1.
+
+Libraries print to stdout now and then; ``EventStream.take_stdout`` moves the process's stdout to
+stderr and keeps a private duplicate of the original for events, so nothing else can interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from typing import Any, TextIO
+
+from workers.training.errors import TrainingError
+
+
+class EventStream:
+    def __init__(self, stream: TextIO, *, enabled: bool = True) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        # In a multi-process run only rank 0 reports progress; any rank may report an error.
+        self.enabled = enabled
+
+    @classmethod
+    def take_stdout(cls, *, enabled: bool = True) -> EventStream:
+        sys.stdout.flush()
+        event_fd = os.dup(1)
+        os.dup2(2, 1)
+        return cls(os.fdopen(event_fd, "w", encoding="utf-8", buffering=1), enabled=enabled)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if self.enabled or kind == "error":
+            self.write({"type": kind, **fields})
+
+    def write(self, event: dict[str, Any]) -> None:
+        line = json.dumps(_finite(event), separators=(",", ":"), allow_nan=False)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+def error_message(exc: BaseException) -> str:
+    """One line naming the failure: the message of our own errors, the type for the others."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, TrainingError | ValueError) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:1000]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
