@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from api.deps import FinetunePrincipal, ServicesDep, SessionDep
 from api.errors import ERROR_RESPONSES, BadRequest
@@ -23,6 +25,8 @@ from api.fine_tuning.schemas import (
     JobEventObject,
 )
 from api.idempotency import fingerprint, run_idempotent
+from api.tenancy.service import Principal
+from models_db.models import FineTuningJob
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
 
@@ -89,6 +93,32 @@ def retrieve_job(
     return service.to_object(service.get_job(session, principal, job_id))
 
 
+JobAction = Callable[[Session, Principal, str], FineTuningJob]
+
+
+def _job_action(
+    action: str,
+    apply: JobAction,
+    session: Session,
+    principal: Principal,
+    job_id: str,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    """Run a state change on a job once per Idempotency-Key and answer the job object."""
+
+    def produce() -> tuple[int, dict[str, object]]:
+        job = apply(session, principal, job_id)
+        return 200, service.to_object(job).model_dump(mode="json")
+
+    return run_idempotent(
+        session,
+        principal.tenant_id,
+        idempotency_key,
+        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/{action}", None),
+        produce,
+    )
+
+
 @router.post("/{job_id}/cancel", response_model=FineTuningJobObject)
 def cancel_job(
     job_id: str,
@@ -97,18 +127,7 @@ def cancel_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Cancel a job: at once when queued, within seconds when running."""
-
-    def produce() -> tuple[int, dict[str, object]]:
-        job = service.cancel_job(session, principal, job_id)
-        return 200, service.to_object(job).model_dump(mode="json")
-
-    return run_idempotent(
-        session,
-        principal.tenant_id,
-        idempotency_key,
-        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", None),
-        produce,
-    )
+    return _job_action("cancel", service.cancel_job, session, principal, job_id, idempotency_key)
 
 
 @router.post("/{job_id}/pause", response_model=FineTuningJobObject)
@@ -119,18 +138,7 @@ def pause_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Pause a job: a running one saves a checkpoint and frees its worker."""
-
-    def produce() -> tuple[int, dict[str, object]]:
-        job = service.pause_job(session, principal, job_id)
-        return 200, service.to_object(job).model_dump(mode="json")
-
-    return run_idempotent(
-        session,
-        principal.tenant_id,
-        idempotency_key,
-        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/pause", None),
-        produce,
-    )
+    return _job_action("pause", service.pause_job, session, principal, job_id, idempotency_key)
 
 
 @router.post("/{job_id}/resume", response_model=FineTuningJobObject)
@@ -141,18 +149,7 @@ def resume_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Resume a paused job from its checkpoint."""
-
-    def produce() -> tuple[int, dict[str, object]]:
-        job = service.resume_job(session, principal, job_id)
-        return 200, service.to_object(job).model_dump(mode="json")
-
-    return run_idempotent(
-        session,
-        principal.tenant_id,
-        idempotency_key,
-        fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/resume", None),
-        produce,
-    )
+    return _job_action("resume", service.resume_job, session, principal, job_id, idempotency_key)
 
 
 @router.get("/{job_id}/events", response_model=JobEventList)
