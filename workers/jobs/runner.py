@@ -141,7 +141,7 @@ class JobRun:
             use_dora=bool(params["use_dora"]),
             quantization=params["quantization"],
             max_seq_len=int(artifacts["max_seq_len"]),
-            packing=bool(params.get("packing", False)),
+            packing=bool(params.get("packing", method_type == "supervised")),
             beta=float(params.get("beta") or 0.1),
             checkpoint_every_steps=self.settings.checkpoint_every_steps,
             nproc=self.settings.train_nproc,

@@ -23,9 +23,9 @@ from models_db.base import now_ts
 from models_db.models import BaseModel, File, FineTuningJob
 from models_db.session import transaction
 from workers.context import WorkerContext
-from workers.jobs.hyperparameters import resolve_auto
 from workers.jobs.models import BaseModelUnavailable, local_model_path
 from workers.jobs.repository import add_event, enqueue_wakeup
+from workers.training.hparams import resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,20 @@ def validate_job(ctx: WorkerContext, job_id: str) -> None:
         _fail(ctx, job_id, ValidationFailed(str(exc), "model_unavailable", "model"))
         return
 
-    resolved = resolve_auto(params, n_examples=train.examples, method=recipe_method)
-    hyper = {**params, **resolved, "max_seq_len": max_seq_len}
+    resolved = resolve_auto(
+        {**params, "max_seq_len": max_seq_len},
+        n_examples=train.examples,
+        mean_tokens=train.total_tokens / train.examples,
+        method=recipe_method,
+        context_length=snap.context_length,
+    )
+    multiplier = params.get("learning_rate_multiplier", "auto")
+    # The job object shows the numbers used, as OpenAI's does once a job has started.
+    hyper = {
+        **params,
+        **resolved,
+        "learning_rate_multiplier": 1.0 if multiplier == "auto" else multiplier,
+    }
     method = {"type": method_type, method_type: {"hyperparameters": hyper}}
     n_epochs = int(method[method_type]["hyperparameters"]["n_epochs"])
 

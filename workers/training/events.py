@@ -2,15 +2,18 @@
 
 Events (every one has ``type``; floats that are not finite become null):
 
-* ``started``: ``total_steps``, ``resumed_from_step`` (int or null), ``device``, ``dtype``,
-  ``attn``, plus ``examples``, ``examples_per_step`` for the curious.
+* ``started``: ``total_steps``, ``resumed_from_step`` (int or null), ``device`` ("cpu"/"cuda"),
+  ``dtype`` ("float32"/"bfloat16"), ``attn`` ("sdpa_varlen" for packed SFT, "sdpa", or
+  "flash_attention_2"), plus ``examples`` and ``examples_per_step``.
 * ``metrics``: ``step``, ``train_loss``, ``train_mean_token_accuracy``, ``learning_rate``,
   ``tokens_per_second`` (real, non-pad tokens over training time, all processes), ``epoch``.
 * ``eval``: ``step``, ``valid_loss``, ``valid_mean_token_accuracy``.
 * ``checkpoint``: ``step``, ``path``, ``metrics`` (latest train/valid figures); sent only once the
   folder is complete.
-* ``done``: ``adapter_dir``, ``metrics`` (``train_loss``, ``valid_loss``, ``trained_tokens``,
-  ``steps``, ``seconds``); the process then exits 0.
+* ``done``: ``adapter_dir``, ``metrics``: ``train_loss`` (of the last metrics window),
+  ``valid_loss`` (a final evaluation; null without valid_data), ``trained_tokens`` (loss targets
+  over the whole job, resumes included), ``steps``, ``seconds`` (since this process started);
+  the process then exits 0.
 * ``paused``: ``step``; after the checkpoint event of that step; exit 0.
 * ``error``: ``message`` (one line); exit 1.
 

@@ -7,8 +7,8 @@ The rules, and why:
 * ``n_epochs``: 3 (OpenAI's default target), stretched so that training sees at least 100 and at
   most 25,000 examples in total: tiny datasets get more passes (at most 25), huge ones fewer (at
   least 1). The same bounds OpenAI publishes for its own "auto".
-* ``batch_size``: a power of two near ``n_examples / 64``, from 1 to 16, so that small datasets still
-  get ~64 optimizer steps per epoch and large ones do not take steps too small to use the
+* ``batch_size``: a power of two near ``n_examples / 64``, from 1 to 16, so that small datasets
+  still get ~64 optimizer steps per epoch and large ones do not take steps too small to use the
   hardware; lowered further so that a step holds at most ~16k tokens (memory on a GPU worker).
 * ``learning_rate``: ``learning_rate_multiplier`` (default 1) times a base rate for LoRA: 2e-4 for
   SFT (the usual LoRA rate, ~10x full fine-tuning), 5e-6 for DPO (preference tuning moves the
@@ -84,7 +84,7 @@ def auto_epochs(n_examples: int) -> int:
 
 
 def auto_batch_size(n_examples: int, mean_tokens: float) -> int:
-    by_steps = 2 ** max(0, round(math.log2(max(1.0, n_examples / 64))))
+    by_steps: int = 2 ** max(0, round(math.log2(max(1.0, n_examples / 64.0))))
     by_tokens = max(1, int(MAX_TOKENS_PER_STEP // max(1.0, mean_tokens)))
     return max(1, min(MAX_BATCH, by_steps, by_tokens))
 

@@ -5,12 +5,17 @@ model folder (``trust_remote_code=False``), no network (``local_files_only``).
 
 dtype "auto": bf16 where the hardware multiplies in bf16 natively (CUDA with bf16 support; CPUs
 with avx512_bf16 or amx_bf16), float32 elsewhere (emulated bf16 is slower than float32).
-Measured on the development machine (2 cores of an AMD EPYC with avx512_bf16, torch 2.13 CPU;
-"bench" model: hidden 512, 8 layers, LoRA r=16 on all linear layers; one packed step of 935 real
-tokens; min of 5 interleaved runs on a shared machine): float32 424 tok/s, bf16 autocast over
-float32 weights 690 tok/s, bf16 weights 684 tok/s (a bare bf16 matmul runs ~2.7x the float32
-rate there). On CPU the weights therefore stay float32 and only the matmuls run in bf16
-(autocast): as fast, and every other op keeps float32. On CUDA the weights load in bf16 (memory).
+Measured on the development machine (2 cores of an AMD EPYC with avx512_bf16, torch 2.13 CPU,
+"bench" model: hidden 512, 8 layers, LoRA r=16 on all linear layers), which other jobs shared:
+
+* one packed step of 935 real tokens, min of 5 interleaved runs: float32 342 tok/s, bf16 autocast
+  over float32 weights 690 tok/s, bf16 weights 684 tok/s (a bare bf16 matmul: ~2.7x float32);
+* the whole recipe, 300 chat examples (mean 83 tokens), batch 8, per CPU-second x 2 cores (wall
+  clocks were too disturbed): packed float32 820 tok/s, packed bf16 1015; padded float32 423,
+  padded bf16 648.
+
+On CPU the weights therefore stay float32 and only the matmuls run in bf16 (autocast): as fast,
+and every other op keeps float32. On CUDA the weights load in bf16 (memory).
 The adapter's own weights are float32 in every case (peft keeps them there), so optimizer updates
 are exact and the saved adapter is float32.
 

@@ -106,6 +106,8 @@ class RunTotals:
 
 
 class EventCallback(TrainerCallback):
+    """Emits started/metrics/eval/checkpoint events and turns a pause request into a stop."""
+
     def __init__(
         self,
         events: EventStream,

@@ -8,7 +8,8 @@ data is the worker's safetensors file (data.py). Resuming restores the optimizer
 RNG state from files the trainer wrote into our own checkpoints (``optimizer.pt``,
 ``scheduler.pt``, ``rng_state*.pth``); transformers reads them with
 ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only. The
-adapter weights of a checkpoint are safetensors.
+adapter weights of a checkpoint are safetensors; the trainer also pickles its arguments into
+``training_args.bin``, which nothing here ever loads.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run_training(spec: TrainingSpec, events: EventStream, *, started: float | No
     started = time.monotonic() if started is None else started
     world = World.from_env()
 
-    # 1. Inputs: fail fast, before the slow imports and loads, with a message a user can act on.
+    # 1. Inputs, checked before anything slow is loaded, with messages a user can act on.
     check_inputs(spec)
     runtime = choose_runtime(spec, local_world_size=world.local_size)
     torch.set_num_threads(runtime.threads)

@@ -12,6 +12,9 @@ on purpose:
 * ``compute_loss``: trl's counts tokens from a 2-D ``attention_mask``, which packed batches do not
   have; ours computes the same loss (sum of target log-probs over the targets of the step, all
   processes) and counts real and target tokens with the batch.
+
+Validation loss is the Trainer's: the mean over validation steps of each step's per-token loss
+(steps hold ``batch_size`` examples, like training steps).
 """
 
 from __future__ import annotations

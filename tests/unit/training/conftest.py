@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from workers.training.tiny_model import build_tiny_model  # noqa: E402
+from workers.training.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

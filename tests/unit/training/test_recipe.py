@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from common.datasets import DatasetFormat
 from tests.fixtures.facts import facts_spec, tokenize_facts
 from tests.unit.training.helpers import Finished, read_events, run_spec, start_spec
-from workers.training.data import tokenize_to_file
+from workers.training.data import SFTExamples, load_tokenized, tokenize_to_file
+from workers.training.model import cpu_has_native_bf16
 from workers.training.spec import TrainingSpec
 
 pytestmark = pytest.mark.filterwarnings(
@@ -33,7 +34,8 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 @pytest.fixture(scope="module")
 def facts(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "facts.safetensors"
-    tokenize_facts(tiny_model, path)
+    stats = tokenize_facts(tiny_model, path)
+    assert stats.examples == 16
     return path
 
 
@@ -73,7 +75,7 @@ def adapter_hashes(spec: TrainingSpec) -> dict[str, str]:
 
 
 def test_events_stream_in_order_and_loss_goes_down(
-    reference: tuple[TrainingSpec, Finished],
+    reference: tuple[TrainingSpec, Finished], facts: Path
 ) -> None:
     spec, run = reference
     kinds = [e["type"] for e in run.events]
@@ -111,7 +113,11 @@ def test_events_stream_in_order_and_loss_goes_down(
     assert done["metrics"]["steps"] == 12
     assert done["metrics"]["valid_loss"] == evals[-1]["valid_loss"]
     assert done["metrics"]["train_loss"] == metrics[-1]["train_loss"]
-    assert done["metrics"]["trained_tokens"] > 0 and done["metrics"]["seconds"] > 0
+    # Every target token of the 16 facts, once per epoch.
+    data = load_tokenized(facts)
+    assert isinstance(data, SFTExamples)
+    assert done["metrics"]["trained_tokens"] == 3 * int(data.loss_mask.sum())
+    assert done["metrics"]["seconds"] > 0
 
 
 def test_the_adapter_is_two_files_naming_the_serving_base(
@@ -239,7 +245,7 @@ def test_4bit_without_a_gpu_is_refused(tiny_model: Path, facts: Path, tmp_path: 
     assert "needs a CUDA GPU" in finished.last["message"]
 
 
-def test_dpo_trains_an_adapter(tiny_model: Path, tmp_path: Path) -> None:
+def test_dpo_trains_a_dora_adapter(tiny_model: Path, tmp_path: Path) -> None:
     pairs = [
         (
             DatasetFormat.DPO,
@@ -261,35 +267,56 @@ def test_dpo_trains_an_adapter(tiny_model: Path, tmp_path: Path) -> None:
         batch_size=4,
         learning_rate=1e-3,
         logging_steps=1,
+        dtype="auto",  # bf16 autocast on CPUs with native bf16 (this one), float32 elsewhere
+        use_dora=True,
     )
 
     finished = run_spec(spec, tmp_path / "spec.json")
 
     assert finished.returncode == 0, finished.stderr[-3000:]
+    started = finished.events[0]
+    assert started["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert started["attn"] == "sdpa"  # pairs are padded, not packed
     losses = [m["train_loss"] for m in finished.of_type("metrics")]
     assert losses[0] == pytest.approx(0.693, abs=1e-3)  # log 2: the policy starts as the reference
     assert losses[-1] < losses[0]
     assert sorted(p.name for p in Path(spec.output_dir).iterdir()) == ADAPTER_FILES
+    weights = load_file(str(Path(spec.output_dir) / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in name for name in weights)  # DoRA's magnitudes
+    assert json.loads((Path(spec.output_dir) / "adapter_config.json").read_text())["use_dora"]
 
 
-def test_two_processes_train_one_adapter(tiny_model: Path, facts: Path, tmp_path: Path) -> None:
+def test_two_processes_pause_together_and_finish_one_adapter(
+    tiny_model: Path, facts: Path, tmp_path: Path
+) -> None:
     spec = short_run(
         tiny_model,
         facts,
         tmp_path,
         nproc=2,
-        n_epochs=1,
+        n_epochs=2,
         eval_every_steps=None,
-        checkpoint_every_steps=2,
+        checkpoint_every_steps=0,
     )
+    proc = start_spec(spec, tmp_path / "spec.json")
+    events = []
+    for event in read_events(proc):
+        events.append(event)
+        if event["type"] == "metrics" and event["step"] == 2:
+            proc.send_signal(signal.SIGUSR1)  # the launcher relays it to both ranks
+    assert proc.wait(timeout=60) == 0
 
-    finished = run_spec(spec, tmp_path / "spec.json")
-
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    kinds = [e["type"] for e in finished.events]
-    # Rank 0 alone reports: one started, one done; both ranks saved their RNG state.
-    assert kinds.count("started") == 1 and kinds[-1] == "done"
-    assert finished.events[0]["total_steps"] == 4  # 16 examples, 2 per process per step
-    checkpoint = Path(finished.of_type("checkpoint")[0]["path"])
+    kinds = [e["type"] for e in events]
+    # Rank 0 alone reports: one started, one checkpoint, then paused.
+    assert kinds.count("started") == 1 and kinds[-2:] == ["checkpoint", "paused"]
+    assert events[0]["total_steps"] == 8  # 16 examples, 2 per process per step, 2 epochs
+    checkpoint = Path(events[-2]["path"])
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+    spec.resume_from = str(checkpoint)
+    resumed = run_spec(spec, tmp_path / "spec.json")
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.events[0]["resumed_from_step"] == events[-1]["step"]
+    assert [e["type"] for e in resumed.events].count("done") == 1
     assert sorted(p.name for p in Path(spec.output_dir).iterdir()) == ADAPTER_FILES

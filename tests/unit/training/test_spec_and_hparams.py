@@ -50,7 +50,7 @@ def test_bad_specs_are_refused_with_the_field_named(
 
 
 def test_missing_fields_are_listed() -> None:
-    with pytest.raises(SpecError, match="missing spec field.*base_model_name.*train_data"):
+    with pytest.raises(SpecError, match=r"missing spec field.*base_model_name.*train_data"):
         TrainingSpec.from_dict({"method": "sft", "base_model_path": "x"})
 
 
