@@ -38,6 +38,7 @@ def build_services(settings: APISettings) -> Services:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size + 40,
         lock_timeout_ms=5000,
+        pre_ping=False,
     )
     return Services(
         settings=settings,

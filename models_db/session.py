@@ -26,6 +26,7 @@ def make_engine(
     pool_size: int = 10,
     max_overflow: int | None = None,
     lock_timeout_ms: int | None = None,
+    pre_ping: bool = True,
     echo: bool = False,
 ) -> Engine:
     """Create an engine for ``url`` (SQLite file or Postgres) with sensible pool settings.
@@ -45,7 +46,9 @@ def make_engine(
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size if max_overflow is None else max_overflow,
-        pool_pre_ping=True,
+        # A ping costs a round trip per checkout; hot paths recycle connections instead.
+        pool_pre_ping=pre_ping,
+        pool_recycle=1800,
         connect_args=connect_args,
     )
 
