@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 SRC := api workers models_db serving common cli migrations
 
-.PHONY: setup test lint format up bench
+.PHONY: setup test lint format up bench bench-train
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,7 @@ up: setup
 
 bench: setup
 	$(PY) bench/control_plane.py
+
+# Our recipe vs LLaMA-Factory 0.9.5 (its own venv, built on first use) and HF Trainer: ~30 min.
+bench-train: setup
+	$(PY) bench/train_throughput.py

@@ -6,69 +6,105 @@ machine; held-out loss no worse; MFU reported against a matmul peak measured in 
 
 One invocation trains, one after the other (never two at once), on the same CPU threads:
 
-* ``lf_default``: LLaMA-Factory 0.9.5, its default settings (padding to the longest example of
-  each batch; its default gradient checkpointing stays on), with the hyperparameters below.
-* ``lf_packing``: the same with ``packing: true`` (greedy knapsack packs of ``cutoff_len``
-  tokens; packed examples attend to each other).
-* ``lf_neat_packing``: the same with ``neat_packing: true`` (block-diagonal 4-D mask, so packed
-  examples do not attend to each other).
-* ``hf_padding``: plain ``transformers.Trainer`` + peft written below: the chat template's
-  assistant mask for the labels, padding to the longest example of each batch.
-* ``loraplex``: our recipe, ``python -m workers.training.run SPEC.json``.
+* ``lf_default``: LLaMA-Factory 0.9.5 with its default settings: padding to the longest example
+  of each batch (to a multiple of 8), and gradient checkpointing, which it turns on by default.
+* ``lf_packing``: the same with ``packing: true``. Greedy knapsack packs of ``cutoff_len``
+  tokens, padded to ``cutoff_len``. Packed examples attend to each other, and a batch is
+  ``batch_size`` packs, so an epoch has far fewer optimizer steps.
+* ``lf_neat_packing``: the same with ``neat_packing: true``: a block-diagonal 4-D mask, so packed
+  examples do not attend to each other.
+* ``hf_padding``: plain ``transformers.Trainer`` + peft, written below. Labels come from the chat
+  template's assistant mask, and each batch is padded to its longest example
+  (``DataCollatorForSeq2Seq``).
+* ``loraplex``: our recipe, ``python -m workers.training.run SPEC.json`` with ``dtype:
+  float32``, like the others.
+* ``loraplex_auto``: the same with ``dtype: auto``, the recipe's default. On a CPU with
+  avx512_bf16 that means bf16 autocast. It is reported, but it is not the gated comparison,
+  because every peer runs in float32.
 
-LLaMA-Factory is a peer, not a dependency: it runs in its own venv (``.venv-llamafactory``,
-created by ``bench/lf_env.sh`` if missing), through its own CLI. Everything else runs in the venv
-that runs this script.
+LLaMA-Factory is a peer, not a dependency. It runs through its own CLI in its own venv
+(``.venv-llamafactory``), which ``bench/lf_env.sh`` creates if it is missing. Everything else runs
+in the venv that runs this script.
 
-Same for every run: the base model (``build_tiny_model(preset="bench")``: hidden 512, 8 layers,
-GQA 8/4 heads of 64), the conversations (generated here from a seed; written once as OpenAI chat
-JSONL and once as the same messages in a LLaMA-Factory ``sharegpt`` JSON file with a
-``dataset_info.json``; every conversation has a system message, so LLaMA-Factory's ``qwen``
-template adds no default one and renders exactly our ChatML text), LoRA on all linear layers of
-the decoder (rank, alpha, dropout 0), AdamW, linear decay without warmup, learning rate, batch
-size, one epoch, gradient accumulation 1, max length, seed, float32, and
-``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``.
+What every run gets:
+
+* the same base model: ``build_tiny_model(preset="bench")``, hidden 512, 8 layers, GQA with 8/4
+  heads of 64;
+* the same conversations, generated here from a seed. They are written once as OpenAI chat JSONL
+  and once as the same messages in a LLaMA-Factory ``sharegpt`` JSON file with a
+  ``dataset_info.json``. Every conversation has a system message, so LLaMA-Factory's ``qwen``
+  template adds no default one and renders the same ChatML text as ours;
+* LoRA on all linear layers of the decoder (rank, alpha, dropout 0);
+* AdamW (``adamw_torch``), linear decay with no warmup, max grad norm 1, the same learning rate,
+  batch size, max length and seed, one epoch, gradient accumulation 1, float32;
+* the same threads: ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS`` = ``--threads``;
+* the same ``OMP_WAIT_POLICY`` (``--omp-wait-policy``, default PASSIVE). Our recipe sets PASSIVE
+  for itself unless told otherwise. On a machine that other processes share, threads that spin
+  while they wait lose several times their speed. With one value for everyone, the comparison is
+  about the training code, not about how each tool copes with its neighbours.
 
 How each number is counted:
 
-* **real tokens** are counted once, from the dataset, the same way for every run: the length of
-  each training conversation rendered with the model's chat template and tokenized, capped at
-  ``--max-seq-len``. Every example is generated shorter than that, so nobody truncates or drops
-  anything. Pad tokens and the pad filler of packs are not counted; prompt tokens are (they are
-  attended input). **tokens/s** = real tokens / train seconds.
-* **train seconds** exclude imports, model load and tokenization: the trainer's own
-  ``train_runtime`` for LLaMA-Factory and the HF Trainer (the ``Trainer.train`` loop), and what
-  our recipe's ``done`` event reports for ours (see ``_run_loraplex``). **process s** is the wall
-  time of the whole training process, start to exit, for context.
-* **peak RSS** is the training process tree's maximum resident set size from ``/usr/bin/time -v``
-  (wait4's rusage), or from polling with psutil where GNU time is missing.
-* **held-out loss** comes from one evaluation function (``evaluate_adapters``) for every run: load
-  the base model and the run's final adapter with peft, and take the mean cross-entropy over all
-  assistant tokens (the chat template's generation mask: content and closing ``<|im_end|>``) of the
-  held-out conversations, float32, no dropout. The untrained base model is evaluated too.
-* **MFU** = model FLOPs / train seconds / measured peak. The peak is the best float32
-  ``torch.matmul`` of ``--peak-size``^3 on ``--threads`` threads (2*n^3 FLOPs per product), taken
-  before and after the runs; the higher of the two is used. Model FLOPs are those a LoRA step
-  needs on the real tokens only, with no recomputation: for each example of length L,
-  ``L * (4 * N_frozen + 6 * N_lora) + 6 * layers * d_attn * L^2``. ``N_frozen`` counts every
-  frozen matmul weight a token passes through (q/k/v/o, gate/up/down, lm_head; the embedding
-  lookup is not a matmul): forward 2N, backward to the activations 2N, no weight gradient.
-  ``N_lora`` (the A and B matrices) also get their weight gradient: 6N. Causal attention's two
-  L x L products cost ``2 * L^2 * d_attn`` per layer forward and twice that backward. Padding,
-  pack filler, attention across packed examples and gradient checkpointing's second forward are
-  work a run chooses to do, not model FLOPs, so they lower that run's MFU.
+* **real tokens** are counted once, from the dataset, the same way for every run: each training
+  conversation is rendered with the model's chat template and tokenized, and its length is capped
+  at ``--max-seq-len``. Every example is generated shorter than that, so no run truncates or drops
+  anything. Pad tokens and the filler that pads out packs are not counted. Prompt tokens are,
+  because they are attended input. **tokens/s** = real tokens / train seconds.
+* **train seconds** leave out imports, model load and tokenization. For LLaMA-Factory and the HF
+  Trainer they are the trainer's own ``train_runtime`` (the ``Trainer.train`` loop). Our recipe's
+  ``done`` event reports seconds since its process started, so for it the script times the event
+  stream instead: from the arrival of ``started`` (sent from ``on_train_begin``, where the HF
+  Trainer starts its clock) to the arrival of the last ``metrics`` event. **process s** is the
+  wall time of the whole training process, start to exit.
+* **tok/s per CPU** and **train cores**: a poller records the CPU seconds of the training process
+  tree every 0.2 s. The start of the training loop is known from a log line (LLaMA-Factory's
+  ``***** Running training *****``, a marker printed by the HF child, our ``started`` event).
+  From those, the script reads the CPU the loop got (train cores = CPU s / train s). **tok/s per
+  CPU** = real tokens / (CPU s / threads): the rate if the run had kept its threads busy. It
+  holds up better than wall time when other processes take cores. **others' cores** is what the
+  rest of the machine used during the loop (/proc/stat).
+* **peak RSS** is the largest resident set of the training process tree, from ``/usr/bin/time
+  -v``, or from psutil polling where GNU time is missing.
+* **held-out loss** comes from one evaluation function (``evaluate_adapters``) for every run. It
+  loads the base model plus the run's final adapter with peft. It then takes the mean
+  cross-entropy over all assistant tokens (the template's generation mask: the content and the
+  closing ``<|im_end|>``) of the held-out conversations, weighted by token, float32, no dropout.
+  The untrained base model is evaluated too. **last train loss** is the loss of each run's last
+  logging window (10 steps), as the trainers log it. It is n/a where an epoch has fewer than 10
+  steps.
+* **MFU** = model FLOPs / train seconds / peak. The peak is the best ``torch.matmul`` of
+  ``--peak-size``^3 on ``--threads`` threads (2 n^3 FLOPs per product), taken over 4 s before and
+  after the runs, on a quiet machine where possible. The higher value counts. float32 runs are
+  held to the float32 peak, and a run that computed in bf16 to the bf16 peak. Model FLOPs are the
+  ones a LoRA step needs on the real tokens alone, with no recomputation. For each example of
+  length L they are ``L * (4 * N_frozen + 6 * N_lora) + 6 * layers * d_attn * L^2``:
+  * ``N_frozen`` counts every frozen matmul weight a token passes through (q/k/v/o,
+    gate/up/down, lm_head; the embedding lookup is not a matmul). Each costs 2N forward and 2N
+    backward to the activations, with no weight gradient.
+  * ``N_lora`` (the A and B matrices) also get a weight gradient, so 6N.
+  * Causal attention's two L x L products cost ``2 * L^2 * d_attn`` per layer forward, and twice
+    that backward.
 
-Verdicts: ours / LF default >= 1.5x and ours / LF packing >= 1.0x in tokens/s; "held-out loss no
-worse" passes when ours <= reference * (1 + ``--loss-tolerance``) (default 2%, the spread seen
-between runs that differ only in batch composition) for every LLaMA-Factory run it is compared
-with.
+  Padding, pack filler, attention across packed examples and gradient checkpointing's second
+  forward are work a run chooses to do. They are not model FLOPs, so they lower that run's MFU.
 
-Run it from the repository root (about 15 minutes on 2 cores; ``--quick``: about 3):
+Verdicts, for ``loraplex``, and for ``loraplex_auto`` when it ran:
+
+* tokens/s: ours / LF default >= 1.5x, and ours / LF packing >= 1.0x. The ratio of tok/s per CPU
+  is shown next to each one.
+* "held-out loss no worse": ours <= reference * (1 + ``--loss-tolerance``) against each
+  LLaMA-Factory run. The default tolerance is 2%, a few times the 0.5-0.6% gap measured between
+  LLaMA-Factory's default and plain HF, which do the same math on the same batches.
+
+Run it from the repository root (about 20 minutes on 2 quiet cores, longer on a busy machine;
+``--quick``: 64 examples, 3-6 minutes):
 
     .venv/bin/python bench/train_throughput.py [--quick] [--json PATH] [--runs a,b,...]
 
-The temporary directory (model, data, adapters, logs, datasets cache) is removed at the end, also
-on failure or Ctrl-C, unless ``--keep`` is given.
+Before each run, and before each peak measurement, the script waits up to ``--quiet-wait``
+seconds for other processes to go idle. The temporary directory (model, data, adapters, logs,
+datasets cache) is removed at the end, also on failure, Ctrl-C or SIGTERM, unless ``--keep`` is
+given.
 """
 
 from __future__ import annotations
@@ -771,6 +807,7 @@ def _run_loraplex(ctx: Context, result: RunResult, dtype: str) -> None:
     spec.save(spec_path)
     env = _child_env(h.threads, {"HF_HOME": str(ctx.tmp / "hf_home"), "PYTHONPATH": str(ROOT)})
     cmd = [sys.executable, "-m", "workers.training.run", str(spec_path)]
+    fingerprint = recipe_fingerprint()
     proc = _measured(ctx, result, cmd, env)
     events = []
     for t, line in proc.lines:
@@ -799,6 +836,7 @@ def _run_loraplex(ctx: Context, result: RunResult, dtype: str) -> None:
         "done_metrics": final,
         "window_tokens_per_second": [e.get("tokens_per_second") for _, e in metrics],
         "tokenize_stats": stats,
+        "recipe_sources_sha256": fingerprint,
     }
     result.adapter_dir = str(run_dir / "adapter")
     result.status = "ok"
