@@ -902,6 +902,7 @@ def child_hf(params: dict[str, Any]) -> None:
         Trainer,
         TrainerCallback,
         TrainingArguments,
+        set_seed,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(params["model"])
@@ -917,6 +918,7 @@ def child_hf(params: dict[str, Any]) -> None:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
+    set_seed(h.seed)  # before the LoRA matrices are initialised (Trainer seeds only later)
     model = get_peft_model(model, lora)
     args = TrainingArguments(
         output_dir=params["out"],
