@@ -5,6 +5,12 @@ accelerate (and the ``tokenizers`` library transformers brings); trl, bitsandbyt
 are optional and reported when absent. Nothing is downloaded: the model is the project's
 ``bench``-sized random Llama, built locally by ``workers/training/tiny_model.py``.
 
+The "project recipe" sections run the real training subprocess (``python -m workers.training.run``
+with trl's SFT and DPO trainers) on that model. trl and ``datasets`` are not on the GPU machine
+and it has no network: ``--fetch-wheels DIR`` (on a development machine) downloads them and their
+dependencies as CPython 3.12 wheels, slimmed to fit the 64 MiB the tree travels in, and
+``gpu_check.sh`` installs those that the machine lacks into a scratch folder.
+
 Each section runs in its own try/except so one failure does not hide the others. With ``$OUT`` set
 the same results are written to ``$OUT/gpu_check.json``. Without CUDA the script prints what it can
 and stops ("no CUDA: skipping GPU checks"); ``--device cpu`` runs every section on the CPU with
@@ -20,11 +26,14 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -33,9 +42,46 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Result = dict[str, Any]
 
+# What ``python -m workers.training.run`` needs beyond the GPU machine's torch, peft and accelerate,
+# pinned to the development venv's versions. REQUIRED are asked of pip's resolver by
+# gpu_check.sh; the rest are their dependencies, installed only where the machine lacks them or
+# has a version that does not fit. transformers comes along because the recipe passes
+# ``activation_checkpointing`` to the trainer, which the machine's transformers 5.17 does not
+# know (5.24 does; 5.17 calls it ``gradient_checkpointing``). huggingface_hub 1.33: datasets asks
+# >= 1.31, and a machine whose transformers is 5.17 has a 1.x. About 57 MiB with the slimming below.
+REQUIRED = ("trl==1.16.0", "datasets==5.2.0", "transformers==5.24.0")
+CARRIED = (
+    *REQUIRED,
+    "pyarrow==26.0.1",
+    "pandas==3.1.1",
+    "dill==0.4.1",
+    "multiprocess==0.70.19",
+    "xxhash==4.1.0",
+    "fsspec==2026.9.0",
+    "huggingface_hub==1.33.0",
+    "python-dateutil==2.9.0.post0",
+    "six==1.17.0",
+)
+# Files left out of the carried wheels: pyarrow's Flight RPC and S3 libraries, C++ headers and
+# sources, tests and duplicate copies of its shared libraries (the loader uses the ``.so.NNNN``
+# soname); pandas's test suite. Nothing on the recipe's path (datasets.Dataset.from_dict, trl)
+# loads them; the pyarrow wheel drops from 55 to ~34 MB.
+PRUNED = {
+    "pyarrow": re.compile(
+        r"pyarrow/(include|src|tests|includes)/"
+        r"|pyarrow/.*\.(pyx|pxd|pxi|h|cc)$"
+        r"|pyarrow/(lib)?_?arrow_(python_)?flight[^/]*$|pyarrow/_flight\.[^/]*$"
+        r"|pyarrow/libarrow_s3\.[^/]*$|pyarrow/_s3fs\.[^/]*$|pyarrow/_pyarrow_cpp_tests\.[^/]*$"
+        r"|pyarrow/libarrow_python(_parquet_encryption)?\.so(\.\d+\.\d+\.\d+)?$"
+    ),
+    "pandas": re.compile(r"pandas/tests/"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.fetch_wheels:
+        return fetch_wheels(Path(args.fetch_wheels), args.wheel_python)
     report: Result = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sections": {}}
     began = time.perf_counter()
     _section(report, "environment", lambda: _environment())
@@ -52,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     _section(report, "attention backends", ctx.attention_backends)
     _section(report, "LoRA training", ctx.lora_training)
     _section(report, "packed sequences", ctx.packing)
+    _section(report, "SDPA kernels", ctx.sdpa_kernels)
+    _section(report, "project recipe: SFT packed", lambda: ctx.recipe("sft", packing=True))
+    _section(report, "project recipe: SFT padded", lambda: ctx.recipe("sft", packing=False))
+    _section(report, "project recipe: DPO", lambda: ctx.recipe("dpo", packing=False))
     _section(report, "QLoRA", ctx.qlora)
     return _finish(report, began)
 
@@ -72,6 +122,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--matmul-size", type=int, default=8192, help="n for an n*n*n matmul")
     parser.add_argument("--qlora-steps", type=int, default=5, help="steps of the QLoRA check")
+    parser.add_argument(
+        "--recipe-steps", type=int, default=40, help="optimizer steps of the packed SFT recipe run"
+    )
+    parser.add_argument(
+        "--recipe-examples", type=int, default=32, help="SFT examples (DPO pairs: half) per step"
+    )
+    parser.add_argument(
+        "--recipe-timeout",
+        type=float,
+        default=120.0,
+        help="seconds one recipe subprocess may run before it is killed",
+    )
+    parser.add_argument(
+        "--fetch-wheels",
+        metavar="DIR",
+        help="download the wheels the recipe needs on the GPU machine into DIR, and stop",
+    )
+    parser.add_argument(
+        "--wheel-python", default="3.12", help="CPython version of the GPU machine's python"
+    )
     return parser.parse_args(argv)
 
 
@@ -119,6 +189,7 @@ def _finish(report: Result, began: float) -> int:
     out = os.environ.get("OUT")
     if out:
         path = Path(out) / "gpu_check.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"   json: {path}")
     return 1 if failed else 0
@@ -150,6 +221,11 @@ def _environment() -> Result:
     _say(result, "cuda runtime", torch.version.cuda)
     for name in ("transformers", "tokenizers", "peft", "accelerate", "trl"):
         _say(result, name, _version(name))
+    # The recipe's other imports: where a carried wheel was installed, the version is the
+    # carried one and gpu_check.sh names it in $GPU_CHECK_CARRIED.
+    for name in ("datasets", "pyarrow", "pandas", "numpy", "huggingface_hub", "fsspec"):
+        _say(result, name, _version(name))
+    _say(result, "carried wheels installed", os.environ.get("GPU_CHECK_CARRIED") or "none")
     _say(result, "flash_attn", _version("flash_attn", try_import=True))
     _say(result, "bitsandbytes", _version("bitsandbytes", try_import=True))
     _say(result, "cuda available", torch.cuda.is_available())
@@ -161,6 +237,56 @@ def _environment() -> Result:
         _say(result, "bf16 supported", torch.cuda.is_bf16_supported())
         _say(result, "nvidia-smi", _nvidia_smi())
     return result
+
+
+def fetch_wheels(dest: Path, python_version: str) -> int:
+    """Download CARRIED as manylinux x86_64 wheels for CPython ``python_version``, slimmed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    platforms = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+    command += ["--only-binary=:all:", "--python-version", python_version, "-d", str(dest)]
+    for name in platforms:
+        command += ["--platform", name]
+    subprocess.run([*command, *CARRIED], check=True)
+    (dest / "requirements.txt").write_text("".join(f"{r}\n" for r in REQUIRED))
+    for wheel in sorted(dest.glob("*.whl")):
+        pattern = PRUNED.get(wheel.name.split("-")[0].lower())
+        if pattern is not None:
+            _prune_wheel(wheel, pattern)
+        print(f"{wheel.stat().st_size / 2**20:6.1f} MiB  {wheel.name}")
+    total = sum(w.stat().st_size for w in dest.glob("*.whl")) / 2**20
+    print(f"{total:6.1f} MiB  in all (the tree travels in 64 MiB with them)")
+    return 0
+
+
+def _prune_wheel(wheel: Path, pattern: re.Pattern[str]) -> None:
+    """Rewrite ``wheel`` without the files ``pattern`` matches (RECORD edited to match)."""
+    slim = wheel.with_suffix(".slim")
+    with (
+        zipfile.ZipFile(wheel) as src,
+        zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED, True, 9) as out,
+    ):
+        kept = [i for i in src.infolist() if not pattern.search(i.filename)]
+        if len(kept) == len(src.infolist()):
+            slim.unlink()
+            return
+        names = {i.filename for i in kept}
+        for info in kept:
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines()
+                data = (
+                    "\n".join(
+                        x for x in lines if x.split(",")[0] in names or x.endswith("RECORD,,")
+                    )
+                    + "\n"
+                ).encode()
+            out.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    slim.replace(wheel)
+
+
+def _round(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
 
 
 def _nvidia_smi() -> str:
@@ -486,6 +612,314 @@ class _Context:
         diff = (packed_logits.float() - alone).abs().max().item()
         leak = (unmasked.float() - alone).abs().max().item()
         return diff, leak
+
+    def sdpa_kernels(self) -> Result:
+        """Which SDPA backend runs forward and backward for each attention layout the recipe uses.
+
+        Read from the profiler's aten op names (``_scaled_dot_product_flash_attention``,
+        ``_efficient_``, ``_cudnn_``, ``_attention_math``), which name the backend on CPU and CUDA.
+        """
+        import torch
+
+        sys.path.insert(0, str(REPO_ROOT))
+        from workers.training.attention import NAME as VARLEN
+        from workers.training.attention import register
+
+        register()
+        result: Result = {}
+        lengths = (96, 160, 64, 200) if self.cuda else (24, 40, 16)
+        seqs = [self._random_ids(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)]
+        total = sum(lengths)
+        packed = torch.cat(seqs)[None]
+        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(self.device)
+        segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+        allowed = (segment[:, None] == segment[None, :]) & torch.ones(total, total).tril().bool()
+        mask = torch.zeros(1, 1, total, total, dtype=self.dtype)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min).to(self.device)
+        bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        longest = max(lengths)
+        padded = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.device)
+        attention = torch.zeros_like(padded)
+        for row, ids in enumerate(seqs):
+            padded[row, : len(ids)] = ids
+            attention[row, : len(ids)] = 1
+        layouts: list[tuple[str, str, dict[str, Any]]] = [
+            (
+                "packed, sdpa_varlen (recipe SFT)",
+                VARLEN,
+                {
+                    "input_ids": packed,
+                    "position_ids": positions,
+                    "cu_seq_lens_q": bounds.to(self.device),
+                    "cu_seq_lens_k": bounds.to(self.device),
+                    "max_length_q": longest,
+                    "max_length_k": longest,
+                },
+            ),
+            (
+                "packed, sdpa + 4-D mask",
+                "sdpa",
+                {"input_ids": packed, "position_ids": positions, "attention_mask": mask},
+            ),
+            (
+                "padded, sdpa (recipe padded SFT, DPO)",
+                "sdpa",
+                {"input_ids": padded, "attention_mask": attention},
+            ),
+            ("unpadded, sdpa causal", "sdpa", {"input_ids": padded}),
+        ]
+        for name, impl, inputs in layouts:
+            try:
+                _say(result, name, self._attention_ops(impl, inputs))
+            except Exception as exc:  # one layout failing must not hide the others
+                _say(result, name, f"failed: {type(exc).__name__}: {exc}")
+                result["status"] = "failed"
+        if self.cuda:
+            _say(result, "per-example loop, 3 x 32 new lengths, fwd+bwd", self._loop_timing())
+        return result
+
+    def _loop_timing(self) -> str:
+        """What sdpa_varlen's loop costs on each backend when every example brings a new length."""
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        generator = torch.Generator().manual_seed(5)
+        lengths = torch.randint(16, 500, (3 * 32,), generator=generator).tolist()
+        shown = []
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+            try:
+                self._sync()
+                began = time.perf_counter()
+                with sdpa_kernel([backend]):
+                    for n in lengths:
+                        q = torch.randn(1, 8, n, 64, device=self.device, dtype=self.dtype)
+                        k, v = (
+                            torch.randn(1, 4, n, 64, device=self.device, dtype=self.dtype)
+                            for _ in range(2)
+                        )
+                        q.requires_grad_()
+                        F.scaled_dot_product_attention(
+                            q, k, v, is_causal=True, enable_gqa=True
+                        ).sum().backward()
+                self._sync()
+                shown.append(f"{backend.name} {1000 * (time.perf_counter() - began):.0f} ms")
+            except RuntimeError as exc:
+                shown.append(f"{backend.name} unusable ({str(exc)[:60]})")
+        return ", ".join(shown)
+
+    def _attention_ops(self, impl: str, inputs: dict[str, Any]) -> str:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        model = self._load(impl)
+        model.train()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        model(**inputs).logits.float().mean().backward()  # warm-up: lazy inits stay out
+        model.zero_grad(set_to_none=True)
+        with profile(activities=activities) as prof:
+            model(**inputs).logits.float().mean().backward()
+            self._sync()
+        counts: Counter[str] = Counter()
+        kernels: Counter[str] = Counter()
+        for event in prof.events():
+            name = event.name
+            if name.startswith(
+                (
+                    "aten::_scaled_dot_product",
+                    "aten::_flash_attention",
+                    "aten::_efficient_attention",
+                    "aten::_cudnn_attention",
+                )
+            ):
+                counts[name.removeprefix("aten::")] += 1
+            elif (
+                self.cuda
+                and event.device_type == torch.autograd.DeviceType.CUDA
+                and re.search(r"flash|fmha|cutlass.*attention|sdpa|attn", name, re.IGNORECASE)
+            ):
+                kernels[name[:60]] += 1
+        shown = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "no SDPA op"
+        if kernels:
+            shown += "; kernels: " + ", ".join(f"{n} x{c}" for n, c in kernels.most_common(3))
+        del model
+        return shown
+
+    def recipe(self, method: str, *, packing: bool) -> Result:
+        """``python -m workers.training.run SPEC.json`` on the built model, as a worker runs it."""
+        if self.model_dir is None:
+            raise RuntimeError("the model was not built (see 'build bench model')")
+        missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"   skipped: {', '.join(missing)} not importable (see gpu_check.sh)")
+            return {"status": "skipped", "reason": f"{', '.join(missing)} absent"}
+        sys.path.insert(0, str(REPO_ROOT))
+        from common.datasets import DatasetFormat
+        from workers.training.data import tokenize_to_file
+        from workers.training.spec import TrainingSpec
+
+        work = Path(self._tmp.name) / f"recipe-{method}-{'packed' if packing else 'padded'}"
+        work.mkdir()
+        sft = method == "sft"
+        per_step = self.args.recipe_examples if sft else max(2, self.args.recipe_examples // 4)
+        steps = self.args.recipe_steps if sft and packing else max(4, self.args.recipe_steps // 3)
+        # DPO sees the same pairs every step: its loss on them must fall from log 2.
+        records = self._chat_records(per_step * steps if sft else per_step, method)
+        data = work / "train.safetensors"
+        tokenized = tokenize_to_file(
+            ((DatasetFormat.CHAT if sft else DatasetFormat.DPO, r) for r in records),
+            self.model_dir,
+            data,
+            method="sft" if sft else "dpo",
+            max_seq_len=1024,
+        )
+        spec = TrainingSpec(
+            method=method,
+            base_model_path=str(self.model_dir),
+            base_model_name="loraplex/bench",
+            train_data=str(data),
+            output_dir=str(work / "adapter"),
+            checkpoint_dir=str(work / "checkpoints"),
+            n_epochs=1000,
+            max_steps=steps,
+            batch_size=per_step,
+            learning_rate=1e-3 if sft else 5e-4,
+            warmup_ratio=0.0,
+            max_seq_len=1024,
+            packing=packing,
+            logging_steps=1,
+            dtype="auto",
+        )
+        spec_path = spec.save(work / "spec.json")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        }
+        began = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "workers.training.run", str(spec_path)],
+                cwd=REPO_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=self.args.recipe_timeout,
+                check=False,
+            )
+            stdout, stderr, code = done.stdout, done.stderr, done.returncode
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            code = f"killed after {self.args.recipe_timeout:.0f} s"
+        wall = time.perf_counter() - began
+        events = []
+        for line in stdout.splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        kinds = Counter(e.get("type") for e in events)
+        losses: list[Any] = []
+        metrics = [e for e in events if e.get("type") == "metrics"]
+        started = next((e for e in events if e.get("type") == "started"), {})
+        finished = next((e for e in events if e.get("type") in ("done", "error")), {})
+
+        result: Result = {}
+        _say(
+            result,
+            "data",
+            f"{tokenized.examples} {'examples' if sft else 'pairs'}, "
+            f"{per_step} per step, {steps} steps",
+        )
+        _say(result, "exit", code)
+        _say(result, "events", dict(kinds))
+        _say(
+            result,
+            "started",
+            {k: started.get(k) for k in ("device", "dtype", "attn", "total_steps")},
+        )
+        if metrics:
+            losses = [m.get("train_loss") for m in metrics]
+            speeds = sorted(
+                m["tokens_per_second"] for m in metrics[1:] if m.get("tokens_per_second")
+            )
+            _say(result, "loss first -> last", [_round(losses[0]), _round(losses[-1])])
+            if speeds:
+                _say(
+                    result,
+                    "tokens/s median (after step 1)",
+                    round(speeds[len(speeds) // 2]),
+                    f"{speeds[len(speeds) // 2]:,.0f}",
+                )
+        if finished.get("type") == "done":
+            _say(result, "done metrics", finished.get("metrics"))
+            _say(result, "adapter", self._check_adapter(Path(spec.output_dir)))
+        elif finished:
+            _say(result, "error", finished.get("message"))
+        _say(result, "wall seconds", round(wall, 1))
+        ok = (
+            code == 0
+            and finished.get("type") == "done"
+            and started.get("device") == self.device.type
+            and len(metrics) == steps
+            and all(isinstance(v, float) for v in losses)
+            and losses[-1] < losses[0]
+            and str(result.get("adapter", "")).startswith("ok")
+        )
+        if not ok:
+            result["status"] = "failed"
+            print("   FAILED; stderr tail:")
+            for line in stderr.rstrip().splitlines()[-12:]:
+                print(f"   | {line[:200]}")
+        return result
+
+    def _chat_records(self, count: int, method: str) -> list[dict[str, Any]]:
+        """Chat examples cut from the shipped corpus: varied lengths, a learnable continuation."""
+        import random
+
+        text = (REPO_ROOT / "workers" / "training" / "assets" / "tiny_corpus.txt").read_text()
+        sentences = [s.strip() + "." for s in text.replace("\n", " ").split(". ") if s.strip()]
+        rng = random.Random(3)
+        records: list[dict[str, Any]] = []
+        for _ in range(count):
+            start = rng.randrange(len(sentences) - 12)
+            asked = rng.randint(1, 3)
+            answered = rng.randint(1, 8)
+            prompt = " ".join(sentences[start : start + asked]) + " What happens next?"
+            answer = " ".join(sentences[start + asked : start + asked + answered])
+            user = [{"role": "user", "content": prompt}]
+            if method == "sft":
+                records.append({"messages": [*user, {"role": "assistant", "content": answer}]})
+            else:
+                other = " ".join(rng.sample(sentences, answered))
+                records.append(
+                    {
+                        "input": {"messages": user},
+                        "preferred_output": [{"role": "assistant", "content": answer}],
+                        "non_preferred_output": [{"role": "assistant", "content": other}],
+                    }
+                )
+        return records
+
+    def _check_adapter(self, folder: Path) -> str:
+        """The adapter folder holds adapter_config.json + adapter_model.safetensors, loadable."""
+        import torch
+        from safetensors.torch import load_file
+
+        names = sorted(p.name for p in folder.iterdir())
+        if names != ["adapter_config.json", "adapter_model.safetensors"]:
+            return f"unexpected files {names}"
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
+        finite = all(bool(torch.isfinite(t).all()) for t in weights.values())
+        config = json.loads((folder / "adapter_config.json").read_text())
+        size = (folder / "adapter_model.safetensors").stat().st_size / 2**20
+        return (
+            f"{'ok' if finite else 'NOT FINITE'}: safetensors, {len(weights)} tensors "
+            f"({', '.join(dtypes)}, {size:.1f} MiB), base {config.get('base_model_name_or_path')}"
+        )
 
     def qlora(self) -> Result:
         result: Result = {}

@@ -14,13 +14,22 @@ layout and DPO use the regular "sdpa" implementation instead).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "sdpa_varlen"
+
+# The per-example loop keeps cuDNN out on CUDA: torch prefers cuDNN's SDPA on Hopper, and cuDNN
+# builds an execution plan for every sequence length it has not seen, which the loop gives it
+# once per example. On an H200 the packed recipe ran at 1.3k tokens/s with cuDNN, the padded one
+# at 25k (docs/gpu_check.md, 2026-11-28). FlashAttention (GQA included) and the memory-efficient
+# kernel need no plan; math is the fallback (float32 with GQA).
+PER_EXAMPLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa_varlen(
@@ -52,19 +61,21 @@ def sdpa_varlen(
     if query.shape[0] != 1:
         raise ValueError("packed sequences come as one row; got a batch of several")
     bounds = [int(b) for b in cu_seq_lens.tolist()]
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout_p,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for start, end in itertools.pairwise(bounds)
-        if end > start
-    ]
+    backends = sdpa_kernel(PER_EXAMPLE_BACKENDS) if query.is_cuda else contextlib.nullcontext()
+    with backends:
+        parts = [
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                dropout_p=dropout_p,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            for start, end in itertools.pairwise(bounds)
+            if end > start
+        ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,11 +1,13 @@
-"""scripts/gpu_check: stops cleanly without CUDA, and every section runs on the CPU."""
+"""scripts/gpu_check: stops cleanly without CUDA, every section runs on the CPU, wheels slim."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         env=env,
         cwd=REPO_ROOT,
-        timeout=180,
+        timeout=480,
         check=False,
     )
 
@@ -52,6 +54,7 @@ def test_every_section_runs_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
         tmp_path,
         *("--device", "cpu", "--preset", "tiny", "--steps", "6", "--warmup", "2"),
         *("--batch", "2", "--seq", "64", "--matmul-size", "256"),
+        *("--recipe-steps", "6", "--recipe-examples", "8"),
     )
 
     assert done.returncode == 0, done.stdout + done.stderr
@@ -63,6 +66,10 @@ def test_every_section_runs_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
         "attention backends": "ok",
         "LoRA training": "ok",
         "packed sequences": "ok",
+        "SDPA kernels": "ok",
+        "project recipe: SFT packed": "ok",
+        "project recipe: SFT padded": "ok",
+        "project recipe: DPO": "ok",
         "QLoRA": "skipped",
     }
     training = sections["LoRA training"]
@@ -73,3 +80,50 @@ def test_every_section_runs_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     # it the later sequences see the earlier ones.
     assert packing["sdpa float32"]["packed_vs_alone"] < 1e-4
     assert packing["sdpa float32"]["no_mask"] > 1e-2
+    kernels = sections["SDPA kernels"]
+    assert "_scaled_dot_product" in kernels["packed, sdpa_varlen (recipe SFT)"]
+    packed = sections["project recipe: SFT packed"]
+    assert packed["started"] == {
+        "device": "cpu",
+        "dtype": packed["started"]["dtype"],
+        "attn": "sdpa_varlen",
+        "total_steps": 6,
+    }
+    assert packed["events"] == {"started": 1, "metrics": 6, "done": 1}
+    assert packed["adapter"].startswith("ok: safetensors")
+    assert sections["project recipe: SFT padded"]["started"]["attn"] == "sdpa"
+
+
+def test_pruned_wheel_loses_the_matched_files_and_their_record_lines(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    wheel = tmp_path / "pyarrow-1.0-cp312-cp312-manylinux_2_28_x86_64.whl"
+    files = {
+        "pyarrow/__init__.py": "x",
+        "pyarrow/libarrow.so.2600": "keep",
+        "pyarrow/libarrow_python.so": "dup",
+        "pyarrow/libarrow_python.so.2600": "soname",
+        "pyarrow/libarrow_flight.so.2600": "rpc",
+        "pyarrow/tests/test_x.py": "t",
+        "pyarrow/lib.pyx": "src",
+    }
+    record = "".join(f"{name},sha256=x,1\n" for name in files) + "pyarrow-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as out:
+        for name, text in files.items():
+            out.writestr(name, text)
+        out.writestr("pyarrow-1.0.dist-info/RECORD", record)
+
+    gpu_check._prune_wheel(wheel, gpu_check.PRUNED["pyarrow"])
+
+    with zipfile.ZipFile(wheel) as src:
+        names = set(src.namelist())
+        kept_record = src.read("pyarrow-1.0.dist-info/RECORD").decode().splitlines()
+    assert names == {
+        "pyarrow/__init__.py",
+        "pyarrow/libarrow.so.2600",
+        "pyarrow/libarrow_python.so.2600",
+        "pyarrow-1.0.dist-info/RECORD",
+    }
+    assert {line.split(",")[0] for line in kept_record} == names
