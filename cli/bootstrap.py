@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+from pathlib import Path
+
 from api.settings import APISettings
 
 TINY_MODEL_NAME = "tiny-llama"
@@ -35,3 +39,27 @@ def bootstrap_embedded(settings: APISettings) -> str | None:
     finally:
         engine.dispose()
     return secret
+
+
+def start_embedded_vllm(settings: APISettings) -> tuple[subprocess.Popen[bytes], str] | None:
+    """Start vLLM for the tiny model on a free port (output in DATA_DIR/vllm.log); None when
+    no vLLM is installed. The gateway finds it healthy once it has loaded (30-60 s on a CPU)."""
+    from serving.vllm_server import VLLMLaunch, default_vllm_python
+
+    python = default_vllm_python()
+    if not Path(python).exists():
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = VLLMLaunch(
+        model_dir=str(settings.data_dir / "models" / TINY_MODEL_NAME),
+        served_model_name=TINY_MODEL_NAME,
+        host="127.0.0.1",
+        port=port,
+        max_model_len=None,  # the model's own context length
+        python=python,
+    )
+    log = (settings.data_dir / "vllm.log").open("ab")
+    process = subprocess.Popen(launch.command(), env=launch.env(), stdout=log, stderr=log)
+    return process, launch.url

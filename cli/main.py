@@ -76,30 +76,155 @@ def worker(queues: str) -> None:
 
 
 @main.command()
+@click.option("--host", default=None, help="Address to listen on (default LORAPLEX_HOST).")
+@click.option("--port", default=None, type=int, help="Port (default LORAPLEX_PORT or 8001).")
+def gateway(host: str | None, port: int | None) -> None:
+    """Run the inference gateway (chat/completions in front of the vLLM replicas)."""
+    import uvicorn
+
+    from serving.app import create_gateway_app
+    from serving.settings import GatewaySettings
+
+    try:
+        settings = GatewaySettings()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    uvicorn.run(
+        create_gateway_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@main.command()
 @click.option("--port", default=8000, type=int, show_default=True)
 def up(port: int) -> None:
-    """Run loraplex on embedded defaults (API + worker), setting up what is missing first."""
+    """Run loraplex on embedded defaults: API and gateway on one port, a worker, and a vLLM
+    server for the tiny model (when `make vllm-venv` has been run), setting up what is missing
+    first. Ctrl-C stops everything."""
+    import os
     import subprocess
 
     import uvicorn
 
-    from api.app import create_app
-    from cli.bootstrap import bootstrap_embedded
+    from cli.bootstrap import bootstrap_embedded, start_embedded_vllm
+    from serving.combined import create_combined_app
+    from serving.settings import GatewaySettings
 
     settings = _settings()
     key = bootstrap_embedded(settings)
     if key:
         click.echo(f"created tenant 'demo'; its API key (shown once): {key}")
-    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"])
+    children: list[subprocess.Popen[bytes]] = []
+    gateway_settings = GatewaySettings()
+    if not gateway_settings.vllm_urls:
+        started = start_embedded_vllm(settings)
+        if started is None:
+            click.echo(
+                "no vLLM found (run `make vllm-venv`): chat completions are off, fine-tuning works",
+                err=True,
+            )
+        else:
+            process, url = started
+            children.append(process)
+            gateway_settings = GatewaySettings(vllm_urls=url)
+            click.echo(f"vLLM (tiny-llama) starting at {url}", err=True)
+    worker_env = {**os.environ, "LORAPLEX_GATEWAY_URL": f"http://127.0.0.1:{port}"}
+    children.append(subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=worker_env))
     click.echo(f"OpenAI base URL: http://127.0.0.1:{port}/v1")
     try:
-        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+        uvicorn.run(
+            create_combined_app(settings, gateway_settings),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+        )
     finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="A registered base model's name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8001, type=int, show_default=True)
+@click.option("--max-loras", default=2, type=int, show_default=True, help="Adapters per batch.")
+@click.option(
+    "--max-cpu-loras", default=4, type=int, show_default=True, help="Adapters kept loaded."
+)
+@click.option("--max-lora-rank", default=16, type=int, show_default=True)
+@click.option(
+    "--max-model-len",
+    default=None,
+    type=int,
+    help="Context length (default: the registered model's).",
+)
+def vllm(
+    model_name: str,
+    host: str,
+    port: int,
+    max_loras: int,
+    max_cpu_loras: int,
+    max_lora_rank: int,
+    max_model_len: int | None,
+) -> None:
+    """Start a vLLM server (LoRA enabled) for a registered base model; it replaces this process.
+
+    vLLM runs from its own venv: `make vllm-venv`, or set LORAPLEX_VLLM_PYTHON.
+    """
+    import os
+
+    from api.catalog.repository import BaseModelRepository
+    from models_db.session import make_engine, make_session_factory, transaction
+    from serving.vllm_server import VLLMLaunch, default_vllm_python
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            row = BaseModelRepository(session).get(model_name)
+            if row is None:
+                raise click.ClickException(
+                    f"no base model {model_name!r}: register it with "
+                    f"`loraplex models register {model_name} --source DIR`"
+                )
+            source, context_length = row.source, row.context_length
+    finally:
+        engine.dispose()
+    folder = Path(source)
+    if "://" in source or not folder.is_absolute() or not (folder / "config.json").is_file():
+        raise click.ClickException(
+            f"base model {model_name!r} has source {source!r}: `loraplex vllm` serves only "
+            "models registered from a local folder (with a config.json) for now"
+        )
+    python = default_vllm_python()
+    if not Path(python).exists():
+        raise click.ClickException(
+            f"no vLLM Python at {python}: run `make vllm-venv` or set LORAPLEX_VLLM_PYTHON"
+        )
+    launch = VLLMLaunch(
+        model_dir=str(folder),
+        served_model_name=model_name,
+        host=host,
+        port=port,
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        max_model_len=max_model_len or context_length,
+        python=python,
+    )
+    argv = launch.command()
+    click.echo(f"starting vLLM for {model_name} at {launch.url}/v1", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, launch.env())  # noqa: S606
 
 
 @main.group()

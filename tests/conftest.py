@@ -20,7 +20,7 @@ import pytest
 import redis
 import uvicorn
 
-pytest_plugins = ["tests.fixtures.seaweedfs"]
+pytest_plugins = ["tests.fixtures.seaweedfs", "tests.fixtures.vllm"]
 
 PG_ADMIN_URL = os.environ.get("LORAPLEX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LORAPLEX_TEST_REDIS", "redis://127.0.0.1:6379/13")

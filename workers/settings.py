@@ -47,6 +47,15 @@ class WorkerSettings(CommonSettings):
         description="Redis visibility timeout; longer than any job, so the lease (not the "
         "broker) decides when a job runs again.",
     )
+    gateway_url: str = Field(
+        default="",
+        description="Base URL of the inference gateway, for the train/serve parity check "
+        "run before a model is announced; empty: the check is skipped.",
+    )
+    parity_check: bool = Field(
+        default=True,
+        description="Run the train/serve parity check when a gateway URL is set.",
+    )
     work_dir: Path | None = Field(
         default=None, description="Scratch space for jobs (default DATA_DIR/work)."
     )

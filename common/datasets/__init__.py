@@ -4,7 +4,7 @@ Pure Python on purpose: the API process imports this and must never import torch
 """
 
 from common.datasets.base import DatasetFormat, DatasetSummary, ValidationLimits
-from common.datasets.convert import to_chat_messages, to_preference
+from common.datasets.convert import parity_prompt, to_chat_messages, to_preference
 from common.datasets.errors import DatasetError, ErrorCode
 from common.datasets.validator import (
     StreamingValidator,
@@ -21,6 +21,7 @@ __all__ = [
     "StreamingValidator",
     "ValidationLimits",
     "iter_examples",
+    "parity_prompt",
     "to_chat_messages",
     "to_preference",
     "validate_bytes_iter",

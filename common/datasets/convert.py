@@ -112,3 +112,20 @@ def _tool_calls(value: str, *, first: int) -> list[Message]:
             }
         )
     return out
+
+
+def parity_prompt(fmt: DatasetFormat, record: Mapping[str, Any]) -> list[Message] | None:
+    """The prompt of an example (the conversation before its last assistant reply), as plain
+    role/content messages: what the train/serve parity check sends to both sides. None for
+    examples this check does not cover (tool calls)."""
+    if fmt is DatasetFormat.DPO:
+        messages = to_preference(record)[0]
+    else:
+        messages = to_chat_messages(fmt, record)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return None
+        messages = messages[:last]
+    if not messages or any("tool_calls" in m or m["role"] == "tool" for m in messages):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]

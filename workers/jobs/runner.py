@@ -34,6 +34,7 @@ from workers.context import WorkerContext
 from workers.jobs import repository as repo
 from workers.jobs.artifacts import download_folder, upload_folder
 from workers.jobs.models import local_model_path
+from workers.jobs.parity import ParityResult, check_parity
 from workers.jobs.subprocess_io import TrainingProcess
 from workers.jobs.validation import local_tokenized
 
@@ -145,6 +146,11 @@ class JobRun:
             beta=float(params.get("beta") or 0.1),
             checkpoint_every_steps=self.settings.checkpoint_every_steps,
             nproc=self.settings.train_nproc,
+            parity_messages=(
+                artifacts["train"].get("parity_prompt")
+                if self.settings.gateway_url and self.settings.parity_check
+                else None
+            ),
         )
         spec_path = self.workdir / "spec.json"
         spec_path.write_text(spec.to_json())
@@ -319,8 +325,14 @@ class JobRun:
                 "metrics": metrics,
             },
         )
+        parity = self._check_parity(outcome.done.get("parity"), name, base_model, prefix, digest)
+        if parity is not None and parity.ok is False:
+            self._parity_failed(parity)
+            return
         with transaction(self.ctx.session_factory) as session:
             repo.touch(session, self.claim, self.settings.lease_seconds)
+            if parity is not None:
+                repo.add_event(session, self.claim, _parity_message(parity))
             repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
             session.add_all(
                 [
@@ -354,6 +366,36 @@ class JobRun:
                 },
             )
             repo.add_event(session, self.claim, "The job has successfully completed.")
+
+    def _check_parity(
+        self, sample: dict[str, Any] | None, name: str, base_model: str, prefix: str, digest: str
+    ) -> ParityResult | None:
+        if not sample or not self.settings.gateway_url or not self.settings.parity_check:
+            return None
+        adapter = {
+            "name": name,
+            "base_model": base_model,
+            "storage_prefix": prefix,
+            "manifest_sha256": digest,
+        }
+        return check_parity(self.settings.gateway_url, self.settings.secret_key, adapter, sample)
+
+    def _parity_failed(self, parity: ParityResult) -> None:
+        served = "nothing" if parity.served_text is None else repr(parity.served_text[:200])
+        message = (
+            "Train/serve parity check failed: for the held sample prompt the trainer answered "
+            f"{parity.trainer_text[:200]!r} but serving answered {served}"
+            + (f" ({parity.detail})" if parity.detail else "")
+            + ". The model was not published."
+        )
+        with transaction(self.ctx.session_factory) as session:
+            repo.finish(
+                session,
+                self.claim,
+                JobStatus.FAILED,
+                error={"code": "parity_mismatch", "message": message, "param": None},
+            )
+            repo.add_event(session, self.claim, message, level="error")
 
     def _finish_paused(self, step: int) -> None:
         with transaction(self.ctx.session_factory) as session:
@@ -399,6 +441,12 @@ class JobRun:
                     repo.enqueue_wakeup(session, self.claim.tenant_id, self.claim.job_id)
         except repo.LostJob:
             log.warning("job %s attempt %s: failure not recorded, attempt superseded", *self._ids())
+
+
+def _parity_message(parity: ParityResult) -> str:
+    if parity.ok:
+        return f"Train/serve parity check passed: serving answered {parity.trainer_text[:200]!r}."
+    return f"Train/serve parity check skipped: {parity.detail}."
 
 
 def _clean(event: dict[str, Any]) -> dict[str, Any]:

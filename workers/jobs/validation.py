@@ -12,11 +12,13 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from common.datasets import DatasetError, iter_examples
+from common.datasets import DatasetError, iter_examples, parity_prompt
+from common.datasets.validator import Example
 from common.jobs import JobStatus
 from common.storage import ObjectNotFound
 from models_db.base import now_ts
@@ -46,6 +48,8 @@ class TokenizedArtifact:
     trained_tokens: int
     truncated: list[int]
     rejected: list[int]
+    # The first example's prompt, for the train/serve parity check (None: not covered).
+    parity_prompt: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,15 @@ def _tokenized(
         pass
     local.parent.mkdir(parents=True, exist_ok=True)
     try:
-        records = iter_examples(ctx.storage.open_stream(storage_key))
+        first: list[list[dict[str, Any]] | None] = []
+
+        def remember_first(examples: Iterator[Example]) -> Iterator[Example]:
+            for fmt, record in examples:
+                if not first:
+                    first.append(parity_prompt(fmt, record))
+                yield fmt, record
+
+        records = remember_first(iter_examples(ctx.storage.open_stream(storage_key)))
         result = tokenize_to_file(
             records,
             model_path,
@@ -135,6 +147,7 @@ def _tokenized(
         trained_tokens=result.trained_tokens,
         truncated=list(result.truncated),
         rejected=list(result.rejected),
+        parity_prompt=first[0] if first else None,
     )
     if artifact.examples == 0:
         raise ValidationFailed(

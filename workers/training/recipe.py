@@ -136,14 +136,26 @@ def run_training(spec: TrainingSpec, events: EventStream, *, started: float | No
     if valid is not None and progress.last_eval_step != trainer.state.global_step:
         trainer.evaluate()
 
-    # 5. The adapter: two files, written by rank 0 once every process is done.
+    # 5. The adapter: two files, written by rank 0 once every process is done; then the
+    #    reference answer for the train/serve parity check.
+    parity = None
     if world.rank == 0:
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), spec)
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        save_adapter(trained, spec)
+        if spec.parity_messages:
+            parity = parity_sample(
+                trained,
+                tokenizer,
+                spec.parity_messages,
+                spec.parity_max_tokens,
+                upcast=spec.quantization == "none",
+            )
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     events.emit(
         "done",
         adapter_dir=spec.output_dir,
+        parity=parity,
         metrics={
             "train_loss": totals.last.get("train_loss"),
             "valid_loss": totals.last.get("valid_loss"),
@@ -194,6 +206,47 @@ def trainer_arguments(
         "ddp_find_unused_parameters": False,
         # Naming a backend makes accelerate expect a process group, so only under torchrun.
         "ddp_backend": "gloo" if runtime.device == "cpu" and world_size > 1 else None,
+    }
+
+
+@torch.no_grad()
+def parity_sample(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    *,
+    upcast: bool = True,
+) -> dict[str, Any]:
+    """Greedy answer of the trained adapter to ``messages``, as serving will be asked for it.
+
+    Generated in float32 whatever the training dtype (bf16 rounding would flip near-ties that a
+    float32 server does not), with the chat template and stop tokens of the base model.
+    Quantized (4/8-bit) bases are not upcast: their weights cannot be.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        device = next(model.parameters()).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            output = (model.float() if upcast else model).generate(
+                input_ids=ids.to(device),
+                attention_mask=torch.ones_like(ids).to(device),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        new_tokens = output[0, ids.shape[1] :].tolist()
+    finally:
+        model.train(was_training)
+    return {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "token_ids": new_tokens,
+        "text": tokenizer.decode(new_tokens, skip_special_tokens=True),
     }
 
 

@@ -95,6 +95,11 @@ class TrainingSpec:
     nproc: int = 1
     # Stop after this many optimizer steps (smoke tests, benchmarks); None = n_epochs of data.
     max_steps: int | None = None
+    # A prompt (role/content messages) answered greedily with the finished adapter, reported in
+    # the ``done`` event: the reference the train/serve parity check compares serving with.
+    parity_messages: list[dict[str, Any]] | None = None
+    # Tokens generated for that answer.
+    parity_max_tokens: int = 16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,6 +139,16 @@ class TrainingSpec:
             raise SpecError('target_modules must be "all-linear" or a non-empty list of names')
         if not isinstance(self.use_dora, bool) or not isinstance(self.packing, bool):
             raise SpecError("use_dora and packing must be booleans")
+        _positive_int("parity_max_tokens", self.parity_max_tokens)
+        if self.parity_messages is not None and not (
+            isinstance(self.parity_messages, list)
+            and self.parity_messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
+                for m in self.parity_messages
+            )
+        ):
+            raise SpecError("parity_messages must be a non-empty list of role/content messages")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

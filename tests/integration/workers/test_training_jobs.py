@@ -17,7 +17,7 @@ from openai import OpenAI
 
 from tests import sample_data
 from tests.conftest import TenantCreds
-from tests.integration.workers.conftest import TrainingStack, job_status, wait_for, wait_status
+from tests.integration.conftest import TrainingStack, job_status, wait_for, wait_status
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

@@ -7,6 +7,7 @@ must reproduce.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import signal
@@ -60,10 +61,15 @@ def reference(
     tiny_model: Path, facts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[TrainingSpec, Finished]:
     workdir = tmp_path_factory.mktemp("reference")
-    spec = short_run(tiny_model, facts, workdir)
+    spec = dataclasses.replace(
+        short_run(tiny_model, facts, workdir), parity_messages=PARITY_PROMPT, parity_max_tokens=8
+    )
     finished = run_spec(spec, workdir / "spec.json")
     assert finished.returncode == 0, finished.stderr[-3000:]
     return spec, finished
+
+
+PARITY_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def sha256(path: Path) -> str:
@@ -118,6 +124,28 @@ def test_events_stream_in_order_and_loss_goes_down(
     assert isinstance(data, SFTExamples)
     assert done["metrics"]["trained_tokens"] == 3 * int(data.loss_mask.sum())
     assert done["metrics"]["seconds"] > 0
+
+
+def test_the_parity_sample_is_the_adapters_own_greedy_answer(
+    reference: tuple[TrainingSpec, Finished], tiny_model: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, run = reference
+    sample = run.last["parity"]
+    assert sample["messages"] == PARITY_PROMPT and sample["max_tokens"] == 8
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, spec.output_dir).eval()
+    prompt = tokenizer.apply_chat_template(
+        PARITY_PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
+    assert sample["token_ids"] == out[0, prompt.shape[1] :].tolist()
+    assert sample["text"] == tokenizer.decode(sample["token_ids"], skip_special_tokens=True)
 
 
 def test_the_adapter_is_two_files_naming_the_serving_base(

@@ -1,0 +1,231 @@
+"""The gateway's ASGI application: a few routes on plain Starlette (no per-request validation
+layer on the hot path) and the background loops that keep its view of the fleet current."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from anyio import to_thread
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.catalog.service import list_models
+from api.errors import error_body
+from common.internal_auth import verify
+from common.logging import configure_logging
+from common.storage import storage_from_url
+from models_db.base import now_ts
+from models_db.session import make_engine, make_session_factory
+from serving.adapters import AdapterCache, AdapterPlacer, AdapterRef
+from serving.errors import GatewayError
+from serving.gateway import Gateway
+from serving.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from serving.replicas import ReplicaPool
+from serving.settings import GatewaySettings
+from serving.usage import UsageMeter
+
+log = logging.getLogger(__name__)
+
+ANY_SCOPE = frozenset({"inference", "finetune", "admin"})
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _inference(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        gateway = _gateway(request)
+        try:
+            call = await gateway.prepare(request, endpoint)
+            return await gateway.forward(call)
+        except GatewayError as exc:
+            return exc.response()
+
+    return handle
+
+
+async def models(request: Request) -> Response:
+    gateway = _gateway(request)
+    try:
+        principal = await gateway.principal(request, ANY_SCOPE)
+    except GatewayError as exc:
+        return exc.response()
+
+    def load() -> list[dict[str, object]]:
+        with gateway.session_factory() as session:
+            return [m.model_dump() for m in list_models(session, principal)]
+
+    return JSONResponse({"object": "list", "data": await to_thread.run_sync(load)})
+
+
+async def parity(request: Request) -> Response:
+    """Internal: answer a prompt greedily with a just-published adapter (signed by a worker)."""
+    gateway = _gateway(request)
+    body = await request.body()
+    if not verify(gateway.settings.secret_key, body, dict(request.headers)):
+        # Indistinguishable from an unknown path for anyone without the server secret.
+        return JSONResponse(
+            error_body("Unknown endpoint.", "invalid_request_error", None, "unknown_url"), 404
+        )
+    try:
+        payload = json.loads(body)
+        adapter = AdapterRef(**payload["adapter"])
+        messages, max_tokens = payload["messages"], int(payload["max_tokens"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return GatewayError(400, f"bad parity request: {exc}").response()
+    try:
+        text, token_ids = await gateway.parity_answer(adapter, messages, max_tokens)
+    except GatewayError as exc:
+        return exc.response()
+    return JSONResponse({"text": text, "token_ids": token_ids})
+
+
+async def healthz(_request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gateway = _gateway(request)
+
+    def database() -> str:
+        try:
+            with gateway.session_factory() as session:
+                session.execute(text("SELECT 1"))
+            return "ok"
+        except Exception as exc:  # noqa: BLE001 - report any failure as not ready
+            return f"error: {type(exc).__name__}"
+
+    replicas = {
+        r.url: {
+            "healthy": r.healthy,
+            "base_model": r.base_model,
+            "adapters": list(r.adapters),
+            "inflight": r.inflight,
+            "error": r.last_error,
+        }
+        for r in gateway.pool.replicas
+    }
+    checks = {"database": await to_thread.run_sync(database)}
+    ready = checks["database"] == "ok" and any(r["healthy"] for r in replicas.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks, "replicas": replicas},
+        status_code=200 if ready else 503,
+    )
+
+
+async def metrics(_request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message, code = "Unknown endpoint.", "unknown_url"
+    elif exc.status_code == 405:
+        message, code = "Method not allowed for this endpoint.", "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    return JSONResponse(
+        error_body(message, "invalid_request_error", None, code), status_code=exc.status_code
+    )
+
+
+async def _watch_retired(gateway: Gateway, interval: float) -> None:
+    """Unload models retired through the API from every replica and the local cache."""
+    since, handled = 0, set[str]()
+    while True:
+        try:
+            started = now_ts()
+            for name, _at in await to_thread.run_sync(gateway.catalog.retired_since, since):
+                if name not in handled:
+                    await gateway.placer.retire(name)
+                    handled.add(name)
+            since = started - 60  # overlap: rows retired during the query are seen next time
+        except Exception:
+            log.exception("looking for retired models failed")
+        await asyncio.sleep(interval)
+
+
+def create_gateway_app(settings: GatewaySettings | None = None) -> Starlette:
+    resolved = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configure_logging(resolved.log_level, resolved.json_logs)
+        resolved.ensure_data_dir()
+        engine = make_engine(
+            resolved.database_url,
+            pool_size=10,
+            max_overflow=50,
+            lock_timeout_ms=5000,
+            pre_ping=False,
+        )
+        session_factory = make_session_factory(engine)
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(resolved.upstream_timeout_seconds, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        headers = (
+            {"authorization": f"Bearer {resolved.vllm_api_key}"} if resolved.vllm_api_key else {}
+        )
+        pool = ReplicaPool(resolved.replica_urls, client, headers)
+        storage = storage_from_url(
+            resolved.storage_url,
+            s3_endpoint_url=resolved.s3_endpoint_url,
+            base_dir=str(resolved.data_dir),
+        )
+        cache = AdapterCache(storage, resolved.cache_dir, resolved.adapter_cache_bytes)
+        placer = AdapterPlacer(pool, cache, client, headers, resolved.replica_max_adapters)
+        limiter: RateLimiter = (
+            RedisRateLimiter(resolved.rate_limit_redis_url)
+            if resolved.rate_limit_redis_url
+            else LocalRateLimiter()
+        )
+        meter = UsageMeter(session_factory)
+        gateway = Gateway(resolved, session_factory, client, pool, cache, placer, limiter, meter)
+        app.state.gateway = gateway
+        await pool.check_all()
+        loops = [
+            asyncio.create_task(pool.run_health_checks(resolved.health_interval_seconds)),
+            asyncio.create_task(meter.run(resolved.usage_flush_seconds)),
+            asyncio.create_task(_watch_retired(gateway, resolved.retired_poll_seconds)),
+        ]
+        try:
+            yield
+        finally:
+            for loop in loops:
+                loop.cancel()
+            for loop in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+            await to_thread.run_sync(meter.flush)
+            await client.aclose()
+            if isinstance(limiter, RedisRateLimiter):
+                await limiter.close()
+            engine.dispose()
+
+    routes = [
+        Route("/v1/chat/completions", _inference("chat/completions"), methods=["POST"]),
+        Route("/v1/completions", _inference("completions"), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/internal/parity", parity, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+    )

@@ -1,0 +1,466 @@
+"""The hot path: authenticate, resolve, admit, place the adapter, forward to vLLM, count usage.
+
+The request body is parsed once to read the few fields the gateway acts on (``model``,
+``stream``, ``max_tokens``...) and forwarded as the same bytes, except that a streaming request
+gets ``stream_options.include_usage`` so usage can be counted (the extra final chunk is then
+dropped before it reaches a client that did not ask for it). Responses are passed through
+unchanged, byte for byte for streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from anyio import to_thread
+from prometheus_client import Counter, Histogram
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from api.errors import error_body
+from api.tenancy import keys
+from api.tenancy.cache import TtlCache
+from api.tenancy.service import Principal, authenticate
+from serving.adapters import (
+    AdapterCache,
+    AdapterIntegrityError,
+    AdapterLoadError,
+    AdapterPlacer,
+    AdapterRef,
+)
+from serving.catalog import ModelCatalog, ResolvedModel
+from serving.errors import GatewayError, bad_request, model_not_found, unavailable
+from serving.ratelimit import Limits, RateLimiter, retry_after_header
+from serving.replicas import NoReplica, Replica, ReplicaPool
+from serving.settings import GatewaySettings
+from serving.usage import UsageMeter
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SCOPES = frozenset({"inference", "admin"})
+# The caller of internal requests (the parity check), which no tenant can be.
+_SYSTEM = Principal(tenant_id="", tenant_slug="", key_id="", scopes=frozenset())
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date"}
+
+REQUESTS = Counter(
+    "loraplex_gateway_requests_total", "Inference requests by outcome.", ["endpoint", "status"]
+)
+UPSTREAM_SECONDS = Histogram(
+    "loraplex_gateway_upstream_seconds", "Time to the replica's response headers."
+)
+
+
+@dataclass
+class Call:
+    """One inference request on its way through the gateway."""
+
+    endpoint: str  # "chat/completions" or "completions"
+    principal: Principal
+    model: ResolvedModel
+    limits: Limits
+    body: bytes
+    stream: bool
+    strip_usage: bool  # we asked vLLM for the usage chunk; the client did not
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        session_factory: sessionmaker[Session],
+        client: httpx.AsyncClient,
+        pool: ReplicaPool,
+        cache: AdapterCache,
+        placer: AdapterPlacer,
+        limiter: RateLimiter,
+        meter: UsageMeter,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.client = client
+        self.pool = pool
+        self.cache = cache
+        self.placer = placer
+        self.limiter = limiter
+        self.meter = meter
+        self.catalog = ModelCatalog(session_factory, settings.model_cache_seconds)
+        self.auth_cache: TtlCache[Principal] = TtlCache(settings.auth_cache_seconds)
+        self._background: set[asyncio.Task[None]] = set()
+        self.upstream_headers = {"content-type": "application/json"}
+        if settings.vllm_api_key:
+            self.upstream_headers["authorization"] = f"Bearer {settings.vllm_api_key}"
+
+    # ---- the caller -----------------------------------------------------------------------
+
+    async def principal(self, request: Request, accepted: frozenset[str]) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if not header:
+            raise GatewayError(
+                401,
+                "You didn't provide an API key. Provide it in the Authorization header as "
+                "'Bearer YOUR_KEY'.",
+                code="missing_api_key",
+            )
+        if scheme.lower() != "bearer" or not token:
+            raise GatewayError(
+                401,
+                "Malformed Authorization header; expected 'Bearer YOUR_KEY'.",
+                code="invalid_api_key",
+            )
+        found = None
+        if keys.looks_like_key(token):
+            found = self.auth_cache.get(keys.hash_key(self.settings.secret_key, token))
+            if found is None:
+                found = await to_thread.run_sync(self._authenticate, token)
+        if found is None:
+            shown = token[:8] + "…" if len(token) > 8 else "…"
+            raise GatewayError(401, f"Incorrect API key provided: {shown}", code="invalid_api_key")
+        if not found.scopes & accepted:
+            raise GatewayError(
+                403,
+                "This API key does not have the scope needed for this request (needs one of: "
+                f"{', '.join(sorted(accepted))}).",
+                type_="permission_error",
+                code="insufficient_scope",
+            )
+        request.state.tenant_id = found.tenant_id
+        return found
+
+    def _authenticate(self, token: str) -> Principal | None:
+        with self.session_factory() as session:
+            principal = authenticate(session, self.settings.secret_key, token, self.auth_cache)
+            session.commit()
+            return principal
+
+    async def resolve(self, tenant_id: str, name: str) -> ResolvedModel:
+        found, model = self.catalog.models.lookup((tenant_id, name))
+        if not found:
+            model = await to_thread.run_sync(self.catalog.resolve, tenant_id, name)
+            self.catalog.models.put((tenant_id, name), model)
+        if model is None:
+            raise model_not_found(name)
+        return model
+
+    async def limits_of(self, tenant_id: str) -> Limits:
+        found, limits = self.catalog.limits.lookup(tenant_id)
+        if not found or limits is None:
+            limits = await to_thread.run_sync(self.catalog.tenant_limits, tenant_id)
+            self.catalog.limits.put(tenant_id, limits)
+        return limits
+
+    # ---- the request ----------------------------------------------------------------------
+
+    async def prepare(self, request: Request, endpoint: str) -> Call:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise self._too_large()
+        principal = await self.principal(request, INFERENCE_SCOPES)
+        body = await self._read_body(request)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise bad_request("We could not parse the JSON body of your request.") from None
+        if not isinstance(payload, dict):
+            raise bad_request("The request body must be a JSON object.")
+        name = payload.get("model")
+        if not isinstance(name, str) or not name:
+            raise bad_request("you must provide a model parameter", param="model")
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean.", param="stream")
+        self._check_shape(endpoint, payload)
+        model = await self.resolve(principal.tenant_id, name)
+        self._check_max_tokens(payload, model)
+        limits = await self.limits_of(principal.tenant_id)
+        decision = await self.limiter.admit(principal.tenant_id, limits)
+        if not decision.allowed:
+            raise GatewayError(
+                429,
+                f"Rate limit reached for {decision.reason} on your organization; "
+                f"try again in {decision.retry_after:.1f}s.",
+                type_="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"retry-after": retry_after_header(decision.retry_after)},
+            )
+        strip_usage = False
+        if stream:
+            options = payload.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                payload["stream_options"] = {**(options or {}), "include_usage": True}
+                body = json.dumps(payload).encode()
+                strip_usage = True
+        return Call(endpoint, principal, model, limits, body, stream, strip_usage)
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(
+            413,
+            f"Request body is larger than the limit of {self.settings.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _check_shape(endpoint: str, payload: dict[str, Any]) -> None:
+        if endpoint == "chat/completions":
+            messages = payload.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise bad_request("'messages' must be a non-empty array.", param="messages")
+            for index, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                    raise bad_request(
+                        f"messages[{index}] must be an object with a 'role'.",
+                        param=f"messages[{index}]",
+                    )
+        else:
+            prompt = payload.get("prompt")
+            if prompt is None or prompt == "" or prompt == []:
+                raise bad_request("'prompt' is required.", param="prompt")
+
+    async def parity_answer(
+        self, adapter: AdapterRef, messages: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[int] | None]:
+        """Greedy answer of ``adapter`` (published, not yet announced) through the serving path,
+        as text and (where vLLM reports them) token ids.
+
+        Used by the train/serve parity check: the same placement and vLLM call as a tenant's
+        request, without a tenant.
+        """
+        body = json.dumps(
+            {
+                "model": adapter.name,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "return_token_ids": True,
+            }
+        ).encode()
+        model = ResolvedModel(adapter.name, adapter.base_model, max_tokens, adapter)
+        call = Call("chat/completions", _SYSTEM, model, Limits(0, 0), body, False, False)
+        response = await self.forward(call, metered=False)
+        if response.status_code != 200:
+            raise unavailable(
+                f"serving answered {response.status_code}: {bytes(response.body)[:300]!r}",
+                "parity_generation_failed",
+            )
+        answer = json.loads(bytes(response.body))
+        if not answer.get("choices"):
+            raise unavailable(f"serving answered without choices: {answer!r:.300}", "parity_failed")
+        choice = answer["choices"][0]
+        ids = choice.get("token_ids")
+        return choice["message"]["content"] or "", ids if isinstance(ids, list) else None
+
+    def _check_max_tokens(self, payload: dict[str, Any], model: ResolvedModel) -> None:
+        ceiling = min(self.settings.max_tokens_limit, model.context_length)
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = payload.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad_request(f"'{field}' must be a positive integer.", param=field)
+            if value > ceiling:
+                raise bad_request(
+                    f"'{field}' is {value}, more than this model allows ({ceiling}: the "
+                    f"smaller of the gateway limit and the context length of "
+                    f"{model.base_model}).",
+                    param=field,
+                    code="max_tokens_too_large",
+                )
+
+    # ---- forwarding ---------------------------------------------------------------------
+
+    async def forward(self, call: Call, *, metered: bool = True) -> Response:
+        tried: set[Replica] = set()
+        reloaded = False
+        while True:
+            replica = self._choose(call, frozenset(tried))
+            if call.model.adapter is not None:
+                await self._place(replica, call)
+            release = self._hold(replica, call.model.name)
+            try:
+                started = time.perf_counter()
+                upstream = await self.client.send(
+                    self.client.build_request(
+                        "POST",
+                        f"{replica.url}/v1/{call.endpoint}",
+                        content=call.body,
+                        headers=self.upstream_headers,
+                    ),
+                    stream=True,
+                )
+                UPSTREAM_SECONDS.observe(time.perf_counter() - started)
+            except httpx.TransportError as exc:
+                release()
+                replica.mark_failed(f"{type(exc).__name__}: {exc}")
+                log.warning("replica %s failed (%s); trying another", replica.url, exc)
+                tried.add(replica)
+                continue
+            except BaseException:
+                release()
+                raise
+            if upstream.status_code == 404 and call.model.adapter is not None and not reloaded:
+                # The replica lost the adapter (restarted, or unloaded behind our back): load
+                # it again and retry once, unseen by the caller.
+                await upstream.aclose()
+                release()
+                self.placer.forget_on(replica, call.model.name)
+                reloaded = True
+                continue
+            return await self._respond(call, upstream, release, metered=metered)
+
+    def _hold(self, replica: Replica, adapter: str) -> Callable[[], None]:
+        """Count a request in flight on ``replica`` (and its adapter); returns the release."""
+        key = (replica.url, adapter)
+        self.placer.busy[key] += 1
+        replica.inflight += 1
+
+        def release() -> None:
+            replica.inflight -= 1
+            self.placer.busy[key] -= 1
+            if self.placer.busy[key] <= 0:
+                del self.placer.busy[key]
+
+        return release
+
+    def _choose(self, call: Call, tried: frozenset[Replica]) -> Replica:
+        try:
+            return self.pool.choose(call.model.base_model, call.model.name, exclude=tried)
+        except NoReplica:
+            raise unavailable(
+                f"No healthy vLLM replica serves {call.model.base_model} right now; "
+                "try again shortly.",
+                "model_unavailable",
+            ) from None
+
+    async def _place(self, replica: Replica, call: Call) -> None:
+        assert call.model.adapter is not None
+        try:
+            await self.placer.ensure_loaded(replica, call.model.adapter)
+        except AdapterIntegrityError:
+            raise unavailable(
+                f"The model '{call.model.name}' failed its integrity check (its stored files "
+                "do not match what training published) and was not loaded. The operators "
+                "have been alerted.",
+                "adapter_integrity_error",
+            ) from None
+        except (AdapterLoadError, httpx.HTTPError) as exc:
+            replica.mark_failed(str(exc))
+            raise unavailable(
+                f"The model '{call.model.name}' could not be loaded right now; try again.",
+                "adapter_load_failed",
+            ) from exc
+
+    async def _respond(
+        self,
+        call: Call,
+        upstream: httpx.Response,
+        release: Callable[[], None],
+        *,
+        metered: bool = True,
+    ) -> Response:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        REQUESTS.labels(call.endpoint, str(upstream.status_code)).inc()
+        if not call.stream or upstream.status_code != 200:
+            try:
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
+                release()
+            if upstream.status_code != 200:
+                content, headers = _as_openai_error(upstream.status_code, content, headers)
+            elif metered:
+                self._count(call, _usage_of(content))
+            return Response(content, status_code=upstream.status_code, headers=headers)
+
+        async def finish() -> None:
+            await upstream.aclose()
+            release()
+
+        return StreamingResponse(
+            self._relay(call, upstream),
+            status_code=200,
+            headers=headers,
+            background=BackgroundTask(finish),
+        )
+
+    async def _relay(self, call: Call, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        """Pass SSE events through; take usage from the final chunk (dropped if we added it)."""
+        pending = b""
+        usage: dict[str, Any] | None = None
+        try:
+            async for chunk in upstream.aiter_raw():
+                pending += chunk
+                if b"\n\n" not in pending:
+                    continue
+                complete, _, pending = pending.rpartition(b"\n\n")
+                out = []
+                for event in complete.split(b"\n\n"):
+                    if b'"usage":{' in event and b'"choices":[]' in event:
+                        usage = _usage_of(event.partition(b"data: ")[2]) or usage
+                        if call.strip_usage:
+                            continue
+                    out.append(event)
+                if out:
+                    yield b"\n\n".join(out) + b"\n\n"
+            if pending:
+                yield pending
+        finally:
+            self._count(call, usage)
+
+    def _count(self, call: Call, usage: dict[str, Any] | None) -> None:
+        if not usage:
+            return
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        self.meter.add(call.principal.tenant_id, call.model.name, prompt, completion)
+        charge = self.limiter.charge_tokens(
+            call.principal.tenant_id, call.limits, prompt + completion
+        )
+        task = asyncio.get_running_loop().create_task(charge)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _usage_of(content: bytes) -> dict[str, Any] | None:
+    try:
+        usage = json.loads(content).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _as_openai_error(
+    status: int, content: bytes, headers: dict[str, str]
+) -> tuple[bytes, dict[str, str]]:
+    """vLLM's errors in OpenAI's shape ({"error": {...}}) whatever version produced them."""
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return content, headers
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    if not isinstance(message, str):
+        message = content.decode(errors="replace")[:500] or f"upstream status {status}"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+    headers["content-type"] = "application/json"
+    return json.dumps(error_body(message, kind, None, None)).encode(), headers

