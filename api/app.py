@@ -18,6 +18,7 @@ from api.ops.router import router as ops_router
 from api.services import Services
 from api.settings import APISettings
 from api.tenancy.cache import TtlCache
+from api.webhooks.router import router as webhooks_router
 from common.broker import make_publisher
 from common.logging import configure_logging
 from common.outbox import Dispatcher
@@ -98,7 +99,7 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (files_router, jobs_router, models_router, ops_router):
+    for router in (files_router, jobs_router, models_router, webhooks_router, ops_router):
         app.include_router(router)
     app.add_middleware(
         RequestLimitsMiddleware,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import PermissionDenied, Unauthorized
 from api.services import Services
+from api.tenancy import keys
 from api.tenancy.service import Principal, authenticate
+from models_db.session import autocommit
 
 
 async def get_services(request: Request) -> Services:  # async: no thread-pool hop
@@ -30,6 +33,14 @@ def get_session(request: Request) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def statement_session(services: Services) -> Session:
+    """A session for a write that is one statement: on Postgres each statement commits on its
+    own (no BEGIN and COMMIT round trips), elsewhere it is an ordinary transaction. Either way
+    the caller calls ``commit()`` (which fires the session's after-commit hooks) and closes it.
+    """
+    return services.session_factory(bind=autocommit(services.engine))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -52,12 +63,28 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def require_scope(*accepted: str) -> Callable[..., Principal]:
-    """A dependency that authenticates the key and checks it holds one of ``accepted``."""
-
-    def dependency(request: Request, session: SessionDep, services: ServicesDep) -> Principal:
-        token = _bearer_token(request)
+def _authenticate(services: Services, token: str) -> Principal | None:
+    """The database path of authentication, in a short session of its own."""
+    with services.session_factory() as session:
         principal = authenticate(session, services.settings.secret_key, token, services.auth_cache)
+        session.commit()
+        return principal
+
+
+def require_scope(*accepted: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency that authenticates the key and checks it holds one of ``accepted``.
+
+    Async, so a key remembered by the auth cache costs no thread-pool hop and no database
+    connection; only a cache miss goes to a thread (and holds a connection just for the lookup).
+    """
+
+    async def dependency(request: Request, services: ServicesDep) -> Principal:
+        token = _bearer_token(request)
+        principal = None
+        if keys.looks_like_key(token):
+            principal = services.auth_cache.get(keys.hash_key(services.settings.secret_key, token))
+            if principal is None:
+                principal = await run_in_threadpool(_authenticate, services, token)
         if principal is None:
             shown = token[:8] + "…" if len(token) > 8 else "…"
             raise Unauthorized(f"Incorrect API key provided: {shown}")

@@ -38,7 +38,11 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        incoming = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
         request_id = (
             incoming
             if 0 < len(incoming) <= 64 and incoming.isprintable()
@@ -66,16 +70,17 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             REQUESTS.labels(scope["method"], route, str(status)).inc()
             LATENCY.labels(scope["method"], route).observe(elapsed)
-            log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "tenant_id": scope.get("state", {}).get("tenant_id"),
-                },
-            )
+            if log.isEnabledFor(logging.INFO):  # off at WARNING: not even the record's fields
+                log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "tenant_id": scope.get("state", {}).get("tenant_id"),
+                    },
+                )
             request_id_var.reset(token)
 
 

@@ -59,6 +59,9 @@ FILE = "file-"
 JOB = "ftjob-"
 JOB_EVENT = "ftevent-"
 CHECKPOINT = "ftckpt-"
+WEBHOOK_ENDPOINT = "whep-"
+WEBHOOK_EVENT = "evt-"
+WEBHOOK_DELIVERY = "whdel-"
 
 _ID_SHAPE = re.compile(r"^[A-Za-z0-9_.:/-]{1,400}$")
 

@@ -46,6 +46,11 @@ class CommonSettings(BaseSettings):
         description="Server secret: peppers API-key hashes, signs sessions. Must be set "
         "(32+ random characters) outside embedded mode.",
     )
+    webhook_allow_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts exempt from the webhook SSRF checks (e.g. "
+        "'127.0.0.1,localhost'): development and tests only.",
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
     json_logs: bool = Field(default=True, description="Log one JSON object per line.")
 
@@ -67,6 +72,12 @@ class CommonSettings(BaseSettings):
         if len(self.secret_key) < 16:
             raise ValueError("LORAPLEX_SECRET_KEY must be at least 16 characters long.")
         return self
+
+    @property
+    def webhook_allowed_hosts(self) -> frozenset[str]:
+        return frozenset(
+            h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()
+        )
 
     @property
     def embedded(self) -> bool:

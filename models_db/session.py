@@ -53,6 +53,27 @@ def make_engine(
     )
 
 
+_AUTOCOMMIT_ATTR = "_loraplex_autocommit"
+
+
+def autocommit(engine: Engine) -> Engine:
+    """``engine`` with each statement committed on its own, where that is safe to ask for.
+
+    On Postgres this is the same pool in autocommit mode: a single statement, including one
+    that writes several tables through data-modifying CTEs, is still atomic, and it saves the
+    BEGIN and COMMIT round trips. Other databases (SQLite) get ``engine`` itself, so callers
+    keep one transaction there and must commit.
+    """
+    if engine.dialect.name != "postgresql":
+        return engine
+    # Built once per engine (it costs ~80 us) and kept on the engine, so it lives as long.
+    found: Engine | None = getattr(engine, _AUTOCOMMIT_ATTR, None)
+    if found is None:
+        found = engine.execution_options(isolation_level="AUTOCOMMIT")
+        setattr(engine, _AUTOCOMMIT_ATTR, found)
+    return found
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
 

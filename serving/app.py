@@ -149,8 +149,9 @@ async def _watch_retired(gateway: Gateway, interval: float) -> None:
     while True:
         try:
             started = now_ts()
-            for name, _at in await to_thread.run_sync(gateway.catalog.retired_since, since):
+            for name, tenant_id in await to_thread.run_sync(gateway.catalog.retired_since, since):
                 if name not in handled:
+                    gateway.models.forget((tenant_id, name))
                     await gateway.placer.retire(name)
                     handled.add(name)
             since = started - 60  # overlap: rows retired during the query are seen next time

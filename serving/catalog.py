@@ -1,17 +1,9 @@
-"""What a ``model`` name means for a tenant, and the tenant's limits, remembered briefly.
-
-Lookups are blocking database reads, made in a thread on a cache miss only; a hit costs a dict
-lookup. Answers (including "no such model") are kept for ``ttl`` seconds, so a model deleted
-through the API answers 404 within that time.
-"""
+"""What a ``model`` name means for a tenant, and the tenant's limits: blocking database reads,
+which the gateway makes through its refreshing caches (serving/cache.py), never per request."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,8 +12,6 @@ from api.catalog.repository import BaseModelRepository, FineTunedModelRepository
 from models_db.models import FineTunedModel, Tenant
 from serving.adapters import AdapterRef
 from serving.ratelimit import Limits
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,40 +22,9 @@ class ResolvedModel:
     adapter: AdapterRef | None
 
 
-class Remembered(Generic[T]):
-    """A small TTL map that also remembers negative answers."""
-
-    def __init__(self, ttl: float, max_entries: int = 50_000) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._entries: dict[Hashable, tuple[float, T | None]] = {}
-        self._lock = threading.Lock()
-
-    def lookup(self, key: Hashable) -> tuple[bool, T | None]:
-        """(found, value): a remembered None means "known not to exist"."""
-        entry = self._entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
-            return False, None
-        return True, entry[1]
-
-    def put(self, key: Hashable, value: T | None) -> None:
-        with self._lock:
-            if len(self._entries) >= self._max:
-                self._entries.clear()
-            self._entries[key] = (time.monotonic() + self._ttl, value)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
 class ModelCatalog:
-    def __init__(
-        self, session_factory: sessionmaker[Session], ttl: float, limits_ttl: float = 5.0
-    ) -> None:
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
-        self.models: Remembered[ResolvedModel] = Remembered(ttl)
-        self.limits: Remembered[Limits] = Remembered(limits_ttl)
 
     def resolve(self, tenant_id: str, name: str) -> ResolvedModel | None:
         """Blocking. A live fine-tuned model of this tenant, or an enabled base model."""
@@ -101,12 +60,12 @@ class ModelCatalog:
                 return Limits(0, 0)
             return Limits(tenant.max_requests_per_minute, tenant.max_tokens_per_minute)
 
-    def retired_since(self, since: int) -> list[tuple[str, int]]:
-        """Blocking. Fine-tuned models retired at or after ``since`` (epoch seconds)."""
+    def retired_since(self, since: int) -> list[tuple[str, str]]:
+        """Blocking. (model, tenant) of fine-tuned models retired at or after ``since``."""
         with self._session_factory() as session:
             rows = session.execute(
-                select(FineTunedModel.id, FineTunedModel.retired_at).where(
+                select(FineTunedModel.id, FineTunedModel.tenant_id).where(
                     FineTunedModel.retired_at >= since
                 )
             ).all()
-        return [(name, int(at)) for name, at in rows if at is not None]
+        return [(name, tenant) for name, tenant in rows]

@@ -15,10 +15,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
-from anyio import to_thread
 from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.background import BackgroundTask
@@ -27,7 +27,6 @@ from starlette.responses import Response, StreamingResponse
 
 from api.errors import error_body
 from api.tenancy import keys
-from api.tenancy.cache import TtlCache
 from api.tenancy.service import Principal, authenticate
 from serving.adapters import (
     AdapterCache,
@@ -36,6 +35,7 @@ from serving.adapters import (
     AdapterPlacer,
     AdapterRef,
 )
+from serving.cache import RefreshingCache
 from serving.catalog import ModelCatalog, ResolvedModel
 from serving.errors import GatewayError, bad_request, model_not_found, unavailable
 from serving.ratelimit import Limits, RateLimiter, retry_after_header
@@ -91,8 +91,15 @@ class Gateway:
         self.placer = placer
         self.limiter = limiter
         self.meter = meter
-        self.catalog = ModelCatalog(session_factory, settings.model_cache_seconds)
-        self.auth_cache: TtlCache[Principal] = TtlCache(settings.auth_cache_seconds)
+        self.catalog = ModelCatalog(session_factory)
+        # Revocation acts within max_stale (2 x 0.5 s by default: DESIGN's 1 s).
+        self.auth_cache: RefreshingCache[Principal] = RefreshingCache(
+            settings.auth_cache_seconds, 2 * settings.auth_cache_seconds
+        )
+        self.models: RefreshingCache[ResolvedModel] = RefreshingCache(
+            settings.model_cache_seconds, 2 * settings.model_cache_seconds
+        )
+        self.limits: RefreshingCache[Limits] = RefreshingCache(5.0, 60.0)
         self._background: set[asyncio.Task[None]] = set()
         self.upstream_headers = {"content-type": "application/json"}
         if settings.vllm_api_key:
@@ -119,9 +126,8 @@ class Gateway:
             )
         found = None
         if keys.looks_like_key(token):
-            found = self.auth_cache.get(keys.hash_key(self.settings.secret_key, token))
-            if found is None:
-                found = await to_thread.run_sync(self._authenticate, token)
+            key_hash = keys.hash_key(self.settings.secret_key, token)
+            found = await self.auth_cache.get(key_hash, partial(self._authenticate, token))
         if found is None:
             shown = token[:8] + "…" if len(token) > 8 else "…"
             raise GatewayError(401, f"Incorrect API key provided: {shown}", code="invalid_api_key")
@@ -138,24 +144,21 @@ class Gateway:
 
     def _authenticate(self, token: str) -> Principal | None:
         with self.session_factory() as session:
-            principal = authenticate(session, self.settings.secret_key, token, self.auth_cache)
+            principal = authenticate(session, self.settings.secret_key, token)
             session.commit()
             return principal
 
     async def resolve(self, tenant_id: str, name: str) -> ResolvedModel:
-        found, model = self.catalog.models.lookup((tenant_id, name))
-        if not found:
-            model = await to_thread.run_sync(self.catalog.resolve, tenant_id, name)
-            self.catalog.models.put((tenant_id, name), model)
+        model = await self.models.get(
+            (tenant_id, name), partial(self.catalog.resolve, tenant_id, name)
+        )
         if model is None:
             raise model_not_found(name)
         return model
 
     async def limits_of(self, tenant_id: str) -> Limits:
-        found, limits = self.catalog.limits.lookup(tenant_id)
-        if not found or limits is None:
-            limits = await to_thread.run_sync(self.catalog.tenant_limits, tenant_id)
-            self.catalog.limits.put(tenant_id, limits)
+        limits = await self.limits.get(tenant_id, partial(self.catalog.tenant_limits, tenant_id))
+        assert limits is not None
         return limits
 
     # ---- the request ----------------------------------------------------------------------

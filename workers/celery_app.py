@@ -15,10 +15,12 @@ from celery import Celery
 from common.broker import make_publisher
 from common.jobs import DEFAULT_QUEUE, RUN_JOB_TASK, TRAIN_QUEUE, VALIDATE_JOB_TASK
 from common.outbox import Dispatcher
+from common.webhooks.events import DELIVER_WEBHOOK_TASK
 from models_db.session import transaction
 from workers.context import WorkerContext
 from workers.jobs.reaper import reap
 from workers.settings import WorkerSettings
+from workers.webhooks.delivery import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,17 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
         run_available_jobs(context())
 
+    @app.task(name=DELIVER_WEBHOOK_TASK)
+    def deliver_webhook(delivery_id: str) -> None:
+        # A wake-up for one new delivery; the sender thread sends anything this misses.
+        from workers.webhooks.delivery import claim_due, deliver, make_client
+
+        ctx = context()
+        with transaction(ctx.session_factory) as session:
+            due = claim_due(session, ctx.settings, only_id=delivery_id)
+        for item in due:
+            deliver(ctx.session_factory, ctx.settings, make_client(ctx.settings), item)
+
     return app
 
 
@@ -97,8 +110,10 @@ def run_worker(settings: WorkerSettings, queues: list[str], *, loglevel: str = "
     ctx = context()
     dispatcher = Dispatcher(ctx.session_factory, app, poll_seconds=0.5)
     reaper = Reaper(ctx)
+    sender = WebhookSender(ctx.session_factory, settings)
     dispatcher.start()
     reaper.start()
+    sender.start()
     try:
         app.worker_main(
             [
@@ -118,5 +133,6 @@ def run_worker(settings: WorkerSettings, queues: list[str], *, loglevel: str = "
             ]
         )
     finally:
+        sender.stop()
         reaper.stop()
         dispatcher.stop()

@@ -56,6 +56,28 @@ class WorkerSettings(CommonSettings):
         default=True,
         description="Run the train/serve parity check when a gateway URL is set.",
     )
+    webhook_retry_schedule: str = Field(
+        default="5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000",
+        description="Seconds to wait before each retry of a failed webhook delivery (±20% "
+        "jitter); the default adds up to about three days.",
+    )
+    webhook_lease_seconds: float = Field(
+        default=60.0,
+        description="A delivery being sent is retried after this long if its worker died.",
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0, description="How often each worker looks for due webhook deliveries."
+    )
+    webhook_concurrency: int = Field(
+        default=8, description="Webhook deliveries sent at once by one worker."
+    )
+    webhook_timeout_seconds: float = Field(
+        default=15.0, description="Longest a webhook receiver may take to answer."
+    )
+    webhook_disable_after_seconds: int = Field(
+        default=5 * 24 * 3600,
+        description="An endpoint whose deliveries have all failed for this long is disabled.",
+    )
     work_dir: Path | None = Field(
         default=None, description="Scratch space for jobs (default DATA_DIR/work)."
     )
@@ -67,6 +89,10 @@ class WorkerSettings(CommonSettings):
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
         return self
+
+    @property
+    def retry_schedule(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()]
 
     @property
     def scratch(self) -> Path:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from api.deps import FinetunePrincipal, ServicesDep, SessionDep
+from api.deps import FinetunePrincipal, ServicesDep, SessionDep, statement_session
 from api.errors import ERROR_RESPONSES, BadRequest
 from api.fine_tuning import service
 from api.fine_tuning.repository import CheckpointRepository, JobEventRepository, JobRepository
@@ -24,7 +24,7 @@ from api.fine_tuning.schemas import (
     JobEventList,
     JobEventObject,
 )
-from api.idempotency import fingerprint, run_idempotent
+from api.idempotency import StoredResponse, check_key, fingerprint, replay, run_idempotent
 from api.tenancy.service import Principal
 from models_db.models import FineTuningJob
 
@@ -50,24 +50,27 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 @router.post("", response_model=FineTuningJobObject)
 def create_job(
     body: CreateJobRequest,
-    session: SessionDep,
     services: ServicesDep,
     principal: FinetunePrincipal,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Create a fine-tuning job; it starts in `validating_files` and is queued for a worker."""
-
-    def produce() -> tuple[int, dict[str, object]]:
-        job = service.create_job(session, services.settings, principal, body)
-        return 200, service.to_object(job).model_dump(mode="json")
-
-    return run_idempotent(
-        session,
-        principal.tenant_id,
-        idempotency_key,
-        fingerprint("POST", "/v1/fine_tuning/jobs", body.model_dump(mode="json")),
-        produce,
-    )
+    # The hot path (DESIGN §11): the only thread-pool hop is this function (the dependencies
+    # are async), and the session is its own, so the whole create holds a connection once.
+    idempotency = None
+    if idempotency_key is not None:
+        check_key(idempotency_key)
+        idempotency = service.IdempotentRequest(
+            idempotency_key,
+            fingerprint("POST", "/v1/fine_tuning/jobs", body.model_dump(mode="json")),
+        )
+    with statement_session(services) as session:
+        result = service.create_job(session, services.settings, principal, body, idempotency)
+        session.commit()
+    if isinstance(result, StoredResponse):
+        assert idempotency is not None
+        return replay(result, idempotency.fingerprint)
+    return JSONResponse(result)
 
 
 @router.get("", response_model=FineTuningJobList)

@@ -7,14 +7,14 @@ dispatcher hands the job id to the training queue after commit (DESIGN §5).
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.catalog.repository import BaseModelRepository
 from api.errors import BadRequest, NotFound
-from api.files.repository import FileRepository
-from api.fine_tuning.repository import JobRepository
+from api.fine_tuning.repository import FileInfo, JobRepository
 from api.fine_tuning.schemas import (
     CreateJobRequest,
     DpoHyperparameters,
@@ -23,6 +23,7 @@ from api.fine_tuning.schemas import (
     JobHyperparameters,
     SupervisedHyperparameters,
 )
+from api.idempotency import StoredResponse
 from api.settings import APISettings
 from api.tenancy.service import Principal
 from common import ids
@@ -34,8 +35,9 @@ from common.jobs import (
     VALIDATE_JOB_TASK,
     JobStatus,
 )
+from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
-from models_db.models import AuditLogEntry, File, FineTuningJob, JobEvent, OutboxMessage
+from models_db.models import AuditLogEntry, FineTuningJob, JobEvent, OutboxMessage
 
 # Which dataset formats each training method accepts.
 _METHOD_FORMATS = {"supervised": {"chat", "alpaca", "sharegpt"}, "dpo": {"dpo"}}
@@ -71,29 +73,55 @@ def _resolve_method(request: CreateJobRequest) -> dict[str, Any]:
     return {"type": "dpo", "dpo": {"hyperparameters": dpo.model_dump()}}
 
 
-def _checked_file(repo: FileRepository, file_id: str, param: str, method_type: str) -> File:
-    row = repo.get_live(file_id)
+def _checked_file(found: FileInfo | None, file_id: str, param: str, method_type: str) -> FileInfo:
     # Another tenant's file reads exactly like a missing one.
-    if row is None:
+    if found is None:
         raise BadRequest(
             f"Invalid file ID: {file_id} does not exist.", param=param, code="invalid_file"
         )
-    if row.purpose != "fine-tune":
+    if found.purpose != "fine-tune":
         raise BadRequest(f"File {file_id} does not have purpose 'fine-tune'.", param=param)
-    if row.format not in _METHOD_FORMATS[method_type]:
+    if found.format not in _METHOD_FORMATS[method_type]:
         expected = " or ".join(sorted(_METHOD_FORMATS[method_type]))
         raise BadRequest(
-            f"File {file_id} is in {row.format!r} format, but a {method_type} job needs "
+            f"File {file_id} is in {found.format!r} format, but a {method_type} job needs "
             f"{expected} data.",
             param=param,
             code="invalid_file_format",
         )
-    return row
+    return found
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    key: str
+    fingerprint: str
 
 
 def create_job(
-    session: Session, settings: APISettings, principal: Principal, request: CreateJobRequest
-) -> FineTuningJob:
+    session: Session,
+    settings: APISettings,
+    principal: Principal,
+    request: CreateJobRequest,
+    idempotency: IdempotentRequest | None = None,
+) -> dict[str, Any] | StoredResponse:
+    """Create a job and answer its object (OpenAI's JSON shape), or, for an Idempotency-Key
+    already used, the response stored with it (which the caller replays or refuses).
+
+    Writes the job, its first event, an outbox row and an audit row (and the key) atomically:
+    one statement on Postgres, where ``session`` may be in autocommit mode; elsewhere the
+    caller's transaction. The caller commits.
+    """
+    jobs = JobRepository(session, principal.tenant_id)
+    found = jobs.create_inputs(
+        model=request.model,
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        idempotency_key=idempotency.key if idempotency else None,
+    )
+    if found.stored is not None:
+        return found.stored
+
     method = _resolve_method(request)
     method_type: str = method["type"]
     params: dict[str, Any] = method[method_type]["hyperparameters"]
@@ -104,8 +132,8 @@ def create_job(
             param="model",
             code="model_not_available",
         )
-    base = BaseModelRepository(session).get_enabled(request.model)
-    if base is None:
+    base = found.base_model
+    if base is None or not base.enabled:
         raise BadRequest(
             f"Model {request.model} is not available for fine-tuning; GET /v1/models lists "
             "the base models.",
@@ -127,55 +155,90 @@ def create_job(
             param=f"method.{method_type}.hyperparameters.max_seq_len",
         )
 
-    files = FileRepository(session, principal.tenant_id)
-    training = _checked_file(files, request.training_file, "training_file", method_type)
+    training = _checked_file(
+        found.training_file, request.training_file, "training_file", method_type
+    )
     validation = (
-        _checked_file(files, request.validation_file, "validation_file", method_type)
+        _checked_file(
+            found.validation_file, request.validation_file, "validation_file", method_type
+        )
         if request.validation_file
         else None
     )
 
-    job = JobRepository(session, principal.tenant_id).add(
-        FineTuningJob(
-            id=ids.new_id(ids.JOB),
-            tenant_id=principal.tenant_id,
-            base_model_id=base.id,
-            training_file_id=training.id,
-            validation_file_id=validation.id if validation else None,
-            suffix=request.suffix,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            job_metadata=request.metadata,
-            method=method,
-            status=JobStatus.VALIDATING_FILES,
-            max_attempts=settings.job_max_attempts,
-        )
-    )
-    session.add_all(
-        [
-            JobEvent(
-                id=ids.new_id(ids.JOB_EVENT),
-                tenant_id=principal.tenant_id,
-                job_id=job.id,
-                message=f"Created fine-tuning job: {job.id}",
-            ),
-            OutboxMessage(
-                task=VALIDATE_JOB_TASK,
-                queue=DEFAULT_QUEUE,
-                args=[job.id],
-                tenant_id=principal.tenant_id,
-            ),
-            AuditLogEntry(
-                tenant_id=principal.tenant_id,
-                actor=principal.actor,
-                action="job.create",
-                target_type="fine_tuning_job",
-                target_id=job.id,
-                data={"model": base.id},
-            ),
-        ]
-    )
-    session.flush()
-    return job
+    job_id = ids.new_id(ids.JOB)
+    now = now_ts()
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    # The object to_object() would render for the row written below (a new job).
+    body: dict[str, Any] = {
+        "id": job_id,
+        "object": "fine_tuning.job",
+        "created_at": now,
+        "error": None,
+        "fine_tuned_model": None,
+        "finished_at": None,
+        "hyperparameters": {
+            "batch_size": params["batch_size"],
+            "learning_rate_multiplier": params["learning_rate_multiplier"],
+            "n_epochs": params["n_epochs"],
+        },
+        "model": base.id,
+        "organization_id": principal.tenant_id,
+        "result_files": [],
+        "seed": seed,
+        "status": JobStatus.VALIDATING_FILES.value,
+        "trained_tokens": None,
+        "training_file": training.id,
+        "validation_file": validation.id if validation else None,
+        "integrations": None,
+        "estimated_finish": None,
+        "metadata": request.metadata,
+        "method": method,
+        "user_provided_suffix": request.suffix,
+    }
+    values: dict[str, Any] = {
+        "now": now,
+        "job_id": job_id,
+        "base_model_id": base.id,
+        "training_file_id": training.id,
+        "validation_file_id": validation.id if validation else None,
+        "suffix": request.suffix,
+        "seed": seed,
+        "job_metadata": request.metadata,
+        "method": method,
+        "status": JobStatus.VALIDATING_FILES.value,
+        "max_attempts": settings.job_max_attempts,
+        "event_id": ids.new_id(ids.JOB_EVENT),
+        "event_message": f"Created fine-tuning job: {job_id}",
+        "outbox_task": VALIDATE_JOB_TASK,
+        "outbox_queue": DEFAULT_QUEUE,
+        "outbox_args": [job_id],
+        "actor": principal.actor,
+        "audit_action": "job.create",
+        "audit_data": {"model": base.id},
+    }
+    if idempotency is not None:
+        values |= {
+            "idempotency_key": idempotency.key,
+            "fingerprint": idempotency.fingerprint,
+            "status_code": 200,
+            "response": body,
+        }
+    try:
+        jobs.insert_created(values, with_key=idempotency is not None)
+    except IntegrityError:
+        if idempotency is None:
+            raise
+        # Another request with this key committed first (we waited on its row lock).
+        session.rollback()
+        winner = jobs.stored_response(idempotency.key)
+        if winner is None:  # pragma: no cover - the conflicting row cannot vanish
+            raise
+        return winner
+    # Wake the API's outbox dispatcher after commit (the hook in api.app looks for this flag;
+    # it sets it by itself only for ORM-added outbox rows).
+    session.info["outbox_dirty"] = True
+    return body
 
 
 def get_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
@@ -209,6 +272,8 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTunin
         job.cancel_requested_at = now
         message = "Fine-tuning job cancelled."
     _record(session, principal, job, message, "job.cancel")
+    if job.status == JobStatus.CANCELLED:
+        emit_job_finished(session, job.id)
     return job
 
 

@@ -6,6 +6,7 @@ from models_db.models.files import File
 from models_db.models.jobs import FineTuningJob, JobCheckpoint, JobEvent
 from models_db.models.platform import AuditLogEntry, IdempotencyKey, OutboxMessage, UsageRecord
 from models_db.models.tenancy import ApiKey, Tenant, User
+from models_db.models.webhooks import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",
@@ -22,4 +23,7 @@ __all__ = [
     "Tenant",
     "UsageRecord",
     "User",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -32,6 +32,11 @@ WORKER_ENV = {
     "LORAPLEX_LOG_LEVEL": "INFO",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Webhooks: the test receivers listen on loopback; retries come fast.
+    "LORAPLEX_WEBHOOK_ALLOW_HOSTS": "127.0.0.1,localhost",
+    "LORAPLEX_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,0.4,0.4,0.8,0.8,1,1,1,1,1,1",
+    "LORAPLEX_WEBHOOK_POLL_SECONDS": "0.2",
+    "LORAPLEX_WEBHOOK_LEASE_SECONDS": "3",
 }
 
 
@@ -123,6 +128,7 @@ def training_stack(
         secret_key=TEST_SECRET,
         log_level="WARNING",
         dispatcher_poll_seconds=0.2,
+        webhook_allow_hosts="127.0.0.1,localhost",
     )
     engine = make_engine(database_url)
     factory = make_session_factory(engine)

@@ -23,6 +23,7 @@ class Owned:
     file_id: str
     job_id: str
     model_id: str
+    hook_id: str
     secrets: tuple[str, ...]  # strings that must never reach another tenant
 
 
@@ -57,8 +58,17 @@ def _populate(api: RunningApi, creds: TenantCreds) -> Owned:
                 lora_rank=8,
             )
         )
+    # A global IP literal: accepted without DNS and without the SSRF allow list.
+    hook = http.post("/v1/webhook_endpoints", json={"url": "https://93.184.216.34/hook"})
+    assert hook.status_code == 200, hook.text
+    hook_id = hook.json()["id"]
     return Owned(
-        creds, file_id, job_id, model_id, (creds.tenant_id, file_id, job_id, model_id, creds.slug)
+        creds,
+        file_id,
+        job_id,
+        model_id,
+        hook_id,
+        (creds.tenant_id, file_id, job_id, model_id, hook_id, creds.slug),
     )
 
 
@@ -85,6 +95,15 @@ ENDPOINTS = [
     ("GET", "/v1/models", None, False),
     ("GET", "/v1/models/{model}", None, True),
     ("DELETE", "/v1/models/{model}", None, True),
+    ("GET", "/v1/webhook_endpoints", None, False),
+    ("GET", "/v1/webhook_endpoints/{hook}", None, True),
+    ("POST", "/v1/webhook_endpoints/{hook}", {"description": "renamed"}, True),
+    ("GET", "/v1/webhook_endpoints/{hook}/deliveries", None, True),
+    ("POST", "/v1/webhook_endpoints/{hook}/rotate_secret", None, True),
+    ("POST", "/v1/webhook_endpoints/{hook}/disable", None, True),
+    ("POST", "/v1/webhook_endpoints/{hook}/enable", None, True),
+    ("POST", "/v1/webhook_endpoints/{hook}/test", None, True),
+    ("DELETE", "/v1/webhook_endpoints/{hook}", None, True),
     ("DELETE", "/v1/files/{file}", None, True),  # last: it deletes the file
 ]
 
@@ -130,7 +149,12 @@ def test_isolation_matrix(api_server: RunningApi, world) -> None:  # type: ignor
         for method, template, body, in_path in ENDPOINTS:
             for caller in CALLERS:
                 target = b if caller == "other" else a
-                fill = {"file": target.file_id, "job": target.job_id, "model": target.model_id}
+                fill = {
+                    "file": target.file_id,
+                    "job": target.job_id,
+                    "model": target.model_id,
+                    "hook": target.hook_id,
+                }
                 path = template.format(**fill)
                 payload = (
                     json.loads(json.dumps(body).replace("{file}", target.file_id)) if body else None
@@ -159,7 +183,7 @@ def test_other_tenants_ids_never_listed(api_server: RunningApi, world) -> None: 
     with httpx.Client(
         base_url=api_server.base_url, headers={"Authorization": f"Bearer {a.creds.api_key}"}
     ) as http:
-        for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models"):
+        for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models", "/v1/webhook_endpoints"):
             text = http.get(path).text
             for secret in b.secrets:
                 assert secret not in text, (path, secret)

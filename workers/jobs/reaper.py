@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.jobs import RUN_JOB_TASK, JobStatus
+from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import OutboxMessage
 from workers.jobs.repository import add_event, enqueue_wakeup, expired_jobs, has_claimable_jobs
@@ -31,6 +32,7 @@ def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
                 "param": None,
             }
             add_event(session, job, f"Worker {lost} stopped responding; job failed.", level="error")
+            emit_job_finished(session, job.id)
         else:
             job.status = JobStatus.QUEUED
             add_event(

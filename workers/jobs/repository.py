@@ -16,7 +16,8 @@ from sqlalchemy import and_, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from common import ids
-from common.jobs import RUN_JOB_TASK, TRAIN_QUEUE, JobStatus
+from common.jobs import RUN_JOB_TASK, TERMINAL_STATUSES, TRAIN_QUEUE, JobStatus
+from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import FineTuningJob, JobCheckpoint, JobEvent, OutboxMessage, Tenant
 
@@ -154,6 +155,8 @@ def finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> 
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         raise LostJob(claim.job_id)
+    if status in TERMINAL_STATUSES:
+        emit_job_finished(session, claim.job_id)
 
 
 def latest_checkpoint(session: Session, job_id: str) -> JobCheckpoint | None:

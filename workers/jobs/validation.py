@@ -21,6 +21,7 @@ from common.datasets import DatasetError, iter_examples, parity_prompt
 from common.datasets.validator import Example
 from common.jobs import JobStatus
 from common.storage import ObjectNotFound
+from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import BaseModel, File, FineTuningJob
 from models_db.session import transaction
@@ -179,6 +180,7 @@ def _fail(ctx: WorkerContext, job_id: str, failure: ValidationFailed) -> None:
         job.error = {"code": failure.code, "message": failure.message, "param": failure.param}
         job.finished_at = now_ts()
         add_event(session, job, f"Validation failed: {failure.message}", level="error")
+        emit_job_finished(session, job.id)
 
 
 def validate_job(ctx: WorkerContext, job_id: str) -> None:

@@ -1,0 +1,1 @@
+"""Webhooks: secrets and signatures, events, SSRF-safe delivery (DESIGN §8)."""

@@ -1,0 +1,50 @@
+"""The refreshing cache: fresh hits, stale-while-refreshing, the staleness bound, single flight."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from serving.cache import RefreshingCache
+
+
+def test_fresh_stale_and_expired() -> None:
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def load() -> int:
+        with lock:
+            calls.append(1)
+            return len(calls)
+
+    async def run() -> None:
+        cache: RefreshingCache[int] = RefreshingCache(ttl=0.1, max_stale=0.3)
+        assert await cache.get("k", load) == 1
+        assert await cache.get("k", load) == 1 and len(calls) == 1  # fresh
+        await asyncio.sleep(0.15)
+        assert await cache.get("k", load) == 1  # stale: answered at once...
+        await asyncio.sleep(0.05)
+        assert len(calls) == 2 and await cache.get("k", load) == 2  # ...and refreshed behind
+        await asyncio.sleep(0.35)
+        assert await cache.get("k", load) == 3  # too old: waited for
+        cache.forget("k")
+        assert await cache.get("k", load) == 4
+
+    asyncio.run(run())
+
+
+def test_concurrent_misses_share_one_load_and_none_is_remembered() -> None:
+    calls: list[float] = []
+
+    def slow_missing() -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.05)
+
+    async def run() -> None:
+        cache: RefreshingCache[str] = RefreshingCache(ttl=10, max_stale=10)
+        results = await asyncio.gather(*(cache.get("gone", slow_missing) for _ in range(50)))
+        assert results == [None] * 50 and len(calls) == 1
+        assert await cache.get("gone", slow_missing) is None and len(calls) == 1
+
+    asyncio.run(run())

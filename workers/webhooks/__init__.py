@@ -1,0 +1,1 @@
+"""Webhook delivery: the sender thread of every worker and the deliver task."""
