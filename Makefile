@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 SRC := api workers models_db serving common cli migrations
 
-.PHONY: setup test lint format up bench bench-train vllm-venv bench-gateway
+.PHONY: setup test lint format up demo bench bench-train vllm-venv bench-gateway
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ format: setup
 
 up: setup
 	$(VENV)/bin/loraplex up
+
+# The main job end to end on embedded defaults: train on examples/facts.jsonl, then chat.
+demo: setup vllm-venv
+	$(PY) examples/demo.py
 
 bench: setup
 	$(PY) bench/control_plane.py

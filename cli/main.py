@@ -373,5 +373,17 @@ def validate(path: Path, fmt: str | None) -> None:
     )
 
 
+
+
+def _register_remote_commands() -> None:
+    from cli.remote import jobs, register_upload
+
+    main.add_command(jobs)
+    register_upload(files)
+
+
+_register_remote_commands()
+
+
 if __name__ == "__main__":
     main()

@@ -45,7 +45,13 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=DEFAULT_QUEUE,
         task_routes={RUN_JOB_TASK: {"queue": TRAIN_QUEUE}},
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        # Redis only: kombu's SQLAlchemy transport (embedded mode) passes unknown options on
+        # to create_engine(), which refuses them.
+        broker_transport_options=(
+            {"visibility_timeout": settings.broker_visibility_timeout}
+            if settings.broker_url.startswith(("redis://", "rediss://"))
+            else {}
+        ),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         result_backend=None,
