@@ -17,8 +17,8 @@ from common.outbox import dispatch_once
 from models_db.models import OutboxMessage
 from models_db.session import make_engine, make_session_factory, transaction
 
-# Runs the dispatcher in a child process that dies (os._exit) right after the first publish,
-# before the row is marked: the worst moment.
+# Runs the dispatcher in a child process that dies (os._exit) after publishing its batch, before
+# the rows are marked: the worst moment (every row will be published a second time).
 _KILLED_DISPATCHER = textwrap.dedent(
     """
     import os, sys
@@ -64,7 +64,7 @@ def test_one_message_per_job_even_when_dispatcher_killed(fresh_database, redis_u
         timeout=60,
     )
     assert child.returncode == 9, child.stderr
-    assert client.llen(TRAIN_QUEUE) == 1  # published, never marked
+    assert client.llen(TRAIN_QUEUE) == 3  # published, never marked
 
     while dispatch_once(factory, make_publisher(url)):
         pass
