@@ -30,7 +30,7 @@ from models_db.session import make_engine, make_session_factory
 from serving.adapters import AdapterCache, AdapterPlacer, AdapterRef
 from serving.errors import GatewayError
 from serving.gateway import Gateway
-from serving.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from serving.ratelimit import LocalRateLimiter, RateLimiter, SyncedRateLimiter
 from serving.replicas import ReplicaPool
 from serving.settings import GatewaySettings
 from serving.usage import UsageMeter
@@ -191,7 +191,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> Starlette:
         cache = AdapterCache(storage, resolved.cache_dir, resolved.adapter_cache_bytes)
         placer = AdapterPlacer(pool, cache, client, headers, resolved.replica_max_adapters)
         limiter: RateLimiter = (
-            RedisRateLimiter(resolved.rate_limit_redis_url)
+            SyncedRateLimiter(resolved.rate_limit_redis_url)
             if resolved.rate_limit_redis_url
             else LocalRateLimiter()
         )
@@ -204,6 +204,8 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> Starlette:
             asyncio.create_task(meter.run(resolved.usage_flush_seconds)),
             asyncio.create_task(_watch_retired(gateway, resolved.retired_poll_seconds)),
         ]
+        if isinstance(limiter, SyncedRateLimiter):
+            loops.append(asyncio.create_task(limiter.run()))
         try:
             yield
         finally:
@@ -214,7 +216,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> Starlette:
                     await loop
             await to_thread.run_sync(meter.flush)
             await client.aclose()
-            if isinstance(limiter, RedisRateLimiter):
+            if isinstance(limiter, SyncedRateLimiter):
                 await limiter.close()
             engine.dispose()
 

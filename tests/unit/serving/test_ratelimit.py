@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 
-from serving.ratelimit import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter
+from serving.ratelimit import Limits, LocalRateLimiter, RateLimiter, SyncedRateLimiter
 
 
 async def _scenario(limiter: RateLimiter, tenant: str) -> None:
@@ -30,13 +30,37 @@ def test_local_buckets() -> None:
     asyncio.run(_scenario(LocalRateLimiter(), "tenant-a"))
 
 
-def test_redis_buckets(redis_url: str) -> None:
+def test_synced_buckets_alone_behave_like_local_ones(redis_url: str) -> None:
     async def run() -> None:
-        limiter = RedisRateLimiter(redis_url)
+        limiter = SyncedRateLimiter(redis_url)
         try:
             await _scenario(limiter, "tenant-" + secrets.token_hex(4))
+            await limiter.sync()
         finally:
             await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_two_gateway_processes_share_the_buckets_through_redis(redis_url: str) -> None:
+    async def run() -> None:
+        first, second = SyncedRateLimiter(redis_url), SyncedRateLimiter(redis_url)
+        tenant, limits = "tenant-" + secrets.token_hex(4), Limits(4, 1000)
+        try:
+            for _ in range(3):
+                assert (await first.admit(tenant, limits)).allowed
+            await first.charge_tokens(tenant, limits, 1500)  # overdraws the shared tokens
+            await first.sync()
+            # The other process learns the shared levels at its next sync.
+            assert (await second.admit(tenant, limits)).allowed  # its copy was still full
+            await second.sync()
+            refused = await second.admit(tenant, limits)
+            assert not refused.allowed and refused.reason == "tokens per minute"
+            await first.sync()
+            assert not (await first.admit(tenant, limits)).allowed
+        finally:
+            await first.close()
+            await second.close()
 
     asyncio.run(run())
 
