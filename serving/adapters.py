@@ -99,6 +99,8 @@ def fetch_verified(storage: ObjectStorage, ref: AdapterRef, dest: Path) -> int:
     if WEIGHTS not in files or "adapter_config.json" not in files:
         raise AdapterIntegrityError(f"{ref.name}: manifest has no {WEIGHTS} or adapter_config.json")
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest.parent))
+    # mkdtemp makes it 0700; the vLLM replica reading it may run as another user.
+    staging.chmod(0o755)
     try:
         total = 0
         for name, info in sorted(files.items()):
