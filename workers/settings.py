@@ -39,6 +39,11 @@ class WorkerSettings(CommonSettings):
     train_nproc: int = Field(
         default=1, description="Processes per training job (>1 runs the recipe under torchrun)."
     )
+    train_parallelism: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="With train_nproc > 1: 'ddp' (a whole model per process) or 'fsdp' "
+        "(weights, gradients and optimizer state sharded across the processes).",
+    )
     cancel_grace_seconds: float = Field(
         default=5.0, description="How long a cancelled training may take to stop before SIGKILL."
     )

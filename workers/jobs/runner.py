@@ -146,6 +146,7 @@ class JobRun:
             beta=float(params.get("beta") or 0.1),
             checkpoint_every_steps=self.settings.checkpoint_every_steps,
             nproc=self.settings.train_nproc,
+            parallelism=self.settings.train_parallelism,
             parity_messages=(
                 artifacts["train"].get("parity_prompt")
                 if self.settings.gateway_url and self.settings.parity_check
@@ -370,8 +371,15 @@ class JobRun:
     def _check_parity(
         self, sample: dict[str, Any] | None, name: str, base_model: str, prefix: str, digest: str
     ) -> ParityResult | None:
-        if not sample or not self.settings.gateway_url or not self.settings.parity_check:
+        if not self.settings.gateway_url or not self.settings.parity_check:
             return None
+        if not sample:
+            return ParityResult(
+                None,
+                "",
+                detail="the training run gave no reference answer (sharded FSDP runs "
+                "and datasets whose first example uses tools do not)",
+            )
         adapter = {
             "name": name,
             "base_model": base_model,

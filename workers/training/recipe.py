@@ -94,6 +94,8 @@ def run_training(spec: TrainingSpec, events: EventStream, *, started: float | No
         events, pause, meter, totals, runtime_info=info, resumed=spec.resume_from is not None
     )
     args = trainer_arguments(spec, runtime, has_valid=valid is not None, world_size=world.size)
+    if uses_fsdp(spec, world.size):
+        args.update(fsdp_arguments(model))
     trainer: Any
     if isinstance(train, SFTExamples):
         from workers.training.sft import build_sft_trainer
@@ -139,10 +141,15 @@ def run_training(spec: TrainingSpec, events: EventStream, *, started: float | No
     # 5. The adapter: two files, written by rank 0 once every process is done; then the
     #    reference answer for the train/serve parity check.
     parity = None
+    sharded = uses_fsdp(spec, world.size)
+    # Under FSDP every process holds a shard: gathering the full weights is a collective.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if world.rank == 0:
         trained = trainer.accelerator.unwrap_model(trainer.model)
-        save_adapter(trained, spec)
-        if spec.parity_messages:
+        save_adapter(trained, spec, state_dict=full_state)
+        # The parity sample needs the whole model in one process; a sharded run skips it (the
+        # worker then reports the check as skipped).
+        if spec.parity_messages and not sharded:
             parity = parity_sample(
                 trained,
                 tokenizer,
@@ -250,7 +257,21 @@ def parity_sample(
     }
 
 
-def save_adapter(model: Any, spec: TrainingSpec) -> Path:
+def uses_fsdp(spec: TrainingSpec, world_size: int) -> bool:
+    return spec.parallelism == "fsdp" and world_size > 1
+
+
+def fsdp_arguments(model: Any) -> dict[str, Any]:
+    """FSDP through the Trainer: wrap each decoder layer (the model names its own layer class),
+    keep the original parameters visible so LoRA's few trainable ones can be told apart."""
+    layers = list(getattr(model, "_no_split_modules", None) or [])
+    config: dict[str, Any] = {"use_orig_params": True}
+    if layers:
+        config["transformer_layer_cls_to_wrap"] = layers
+    return {"fsdp": True, "fsdp_config": config}
+
+
+def save_adapter(model: Any, spec: TrainingSpec, state_dict: dict[str, Any] | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors into spec.output_dir, atomically.
 
     ``base_model_name_or_path`` is the serving name of the base model, not the local folder the
@@ -268,7 +289,10 @@ def save_adapter(model: Any, spec: TrainingSpec) -> Path:
     try:
         # save_embedding_layers=False: embeddings are never trained here (and peft would look
         # up the base model's config by name to decide).
-        model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(
+            str(staging), safe_serialization=True, save_embedding_layers=False, **extra
+        )
         config_path = staging / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = spec.base_model_name

@@ -18,6 +18,7 @@ from workers.training.errors import TrainingError
 METHODS = ("sft", "dpo")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 class SpecError(ValueError):
@@ -91,8 +92,12 @@ class TrainingSpec:
     dtype: str = "auto"
     # Intra-op threads per process; None = the CPU cores available, split between processes.
     num_threads: int | None = None
-    # Processes (DDP); >1 runs under torchrun, each taking batch_size / nproc examples per step.
+    # Processes; >1 runs under torchrun, each taking batch_size / nproc examples per step.
     nproc: int = 1
+    # How several processes share the work: "ddp" (each holds the whole model) or "fsdp" (the
+    # model's weights, gradients and optimizer state are sharded across them: for base models
+    # that do not fit one GPU). Ignored with one process.
+    parallelism: str = "ddp"
     # Stop after this many optimizer steps (smoke tests, benchmarks); None = n_epochs of data.
     max_steps: int | None = None
     # A prompt (role/content messages) answered greedily with the finished adapter, reported in
@@ -109,6 +114,7 @@ class TrainingSpec:
         _one_of("method", self.method, METHODS)
         _one_of("quantization", self.quantization, QUANTIZATIONS)
         _one_of("dtype", self.dtype, DTYPES)
+        _one_of("parallelism", self.parallelism, PARALLELISMS)
         for name in ("base_model_path", "base_model_name", "train_data", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise SpecError(f"{name} must be a non-empty string")

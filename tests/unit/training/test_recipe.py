@@ -348,3 +348,31 @@ def test_two_processes_pause_together_and_finish_one_adapter(
     assert resumed.events[0]["resumed_from_step"] == events[-1]["step"]
     assert [e["type"] for e in resumed.events].count("done") == 1
     assert sorted(p.name for p in Path(spec.output_dir).iterdir()) == ADAPTER_FILES
+
+
+def test_two_processes_with_fsdp_train_one_complete_adapter(
+    reference: tuple[TrainingSpec, Finished], tiny_model: Path, facts: Path, tmp_path: Path
+) -> None:
+    """FSDP on the CPU (gloo): the weights are sharded across the two processes, and the
+    adapter written at the end is gathered whole: every LoRA matrix, full size."""
+    spec = short_run(
+        tiny_model,
+        facts,
+        tmp_path,
+        nproc=2,
+        parallelism="fsdp",
+        n_epochs=2,
+        eval_every_steps=None,
+        checkpoint_every_steps=0,
+        parity_messages=PARITY_PROMPT,
+    )
+    finished = run_spec(spec, tmp_path / "spec.json")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    done = finished.last
+    assert done["type"] == "done" and done["parity"] is None  # sharded runs skip the sample
+    losses = [m["train_loss"] for m in finished.of_type("metrics")]
+    assert losses[-1] < losses[0]
+    weights = load_file(str(Path(spec.output_dir) / "adapter_model.safetensors"))
+    expected = load_file(str(Path(reference[0].output_dir) / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in expected.items()}
+    assert all(float(v.abs().max()) > 0 for k, v in weights.items() if ".lora_B." in k)
