@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from api.admin.router import router as admin_router
 from api.catalog.router import router as models_router
 from api.errors import install_error_handlers
 from api.files.router import router as files_router
@@ -101,6 +102,7 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (files_router, jobs_router, models_router, webhooks_router, ops_router):
         app.include_router(router)
+    app.include_router(admin_router)  # /admin: HTML pages, not in the OpenAPI document
     app.add_middleware(
         RequestLimitsMiddleware,
         json_limit=resolved.max_json_body_bytes,

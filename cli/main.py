@@ -287,6 +287,44 @@ def create_key(tenant: str, name: str, scopes: str) -> None:
     click.echo(created.secret)
 
 
+@admin.command("create-user")
+@click.argument("email")
+@click.option("--tenant", default=None, help="Tenant id or slug (not for platform admins).")
+@click.option(
+    "--role",
+    type=click.Choice(["platform-admin", "tenant-admin", "member"]),
+    required=True,
+    help="platform-admin: every tenant; tenant-admin: one tenant; member: read-only.",
+)
+def create_user(email: str, tenant: str | None, role: str) -> None:
+    """Create a dashboard (/admin) user; the password is read from stdin, or prompted for."""
+    from api.admin.service import UserError
+    from api.admin.service import create_user as create
+    from api.tenancy.repository import TenantRepository
+    from models_db.session import make_engine, make_session_factory, transaction
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if role == "platform-admin" and tenant:
+        raise click.ClickException("platform admins belong to no tenant: drop --tenant")
+    settings = _settings()
+    factory = make_session_factory(make_engine(settings.database_url))
+    try:
+        with transaction(factory) as session:
+            tenant_id = None
+            if tenant:
+                found = TenantRepository(session).get_by_slug_or_id(tenant)
+                if found is None:
+                    raise click.ClickException(f"no tenant {tenant!r}")
+                tenant_id = found.id
+            user = create(session, email, password, role, tenant_id)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"user {user.id} ({user.email}, {user.role})")
+
+
 @main.group()
 def models() -> None:
     """Base models: build the tiny test model, register, list."""
@@ -371,8 +409,6 @@ def validate(path: Path, fmt: str | None) -> None:
             }
         )
     )
-
-
 
 
 def _register_remote_commands() -> None:

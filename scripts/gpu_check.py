@@ -48,24 +48,29 @@ Result = dict[str, Any]
 # has a version that does not fit. transformers comes along because the recipe passes
 # ``activation_checkpointing`` to the trainer, which the machine's transformers 5.17 does not
 # know (5.24 does; 5.17 calls it ``gradient_checkpointing``). huggingface_hub 1.33: datasets asks
-# >= 1.31, and a machine whose transformers is 5.17 has a 1.x. About 57 MiB with the slimming below.
+# >= 1.31, and a machine whose transformers is 5.17 has a 1.x. bitsandbytes is for QLoRA
+# (quantization "4bit"), slimmed to its CUDA 13 libraries below.
 REQUIRED = ("trl==1.16.0", "datasets==5.2.0", "transformers==5.24.0")
 CARRIED = (
     *REQUIRED,
-    "pyarrow==26.0.1",
-    "pandas==3.1.1",
+    "bitsandbytes==0.50.2",
     "dill==0.4.1",
     "multiprocess==0.70.19",
     "xxhash==4.1.0",
     "fsspec==2026.9.0",
     "huggingface_hub==1.33.0",
-    "python-dateutil==2.9.0.post0",
-    "six==1.17.0",
 )
+# datasets' and trl's pyarrow and pandas (with pandas's python-dateutil and six): the lent GPU
+# machine has them (pyarrow 25.0.1, pandas 3.0.6, seen on 2026-11-28), so they stay home by
+# default (~42 MiB); ``--with-arrow`` fetches them too, for a machine without them.
+ARROW = ("pyarrow==26.0.1", "pandas==3.1.1", "python-dateutil==2.9.0.post0", "six==1.17.0")
 # Files left out of the carried wheels: pyarrow's Flight RPC and S3 libraries, C++ headers and
 # sources, tests and duplicate copies of its shared libraries (the loader uses the ``.so.NNNN``
 # soname); pandas's test suite. Nothing on the recipe's path (datasets.Dataset.from_dict, trl)
-# loads them; the pyarrow wheel drops from 55 to ~34 MB.
+# loads them; the pyarrow wheel drops from 55 to ~34 MB. bitsandbytes: its libraries for CUDA 11
+# and 12, ROCm and XPU (it loads the one for torch's CUDA runtime, 13.0 on the lent machine, and
+# keeps cuda130, cuda132 and cpu here): 41 MiB -> ~7.5 MiB. A machine whose torch is built for
+# CUDA 12 needs the unslimmed wheel.
 PRUNED = {
     "pyarrow": re.compile(
         r"pyarrow/(include|src|tests|includes)/"
@@ -75,13 +80,77 @@ PRUNED = {
         r"|pyarrow/libarrow_python(_parquet_encryption)?\.so(\.\d+\.\d+\.\d+)?$"
     ),
     "pandas": re.compile(r"pandas/tests/"),
+    "bitsandbytes": re.compile(
+        r"bitsandbytes/libbitsandbytes_(cuda1[12]\d|rocm\d+|xpu\d+)\.(so|dll|dylib)$"
+    ),
 }
+# The sections ``--only`` can pick (environment and the model build always run).
+SECTIONS = {
+    "matmul": "bf16 matmul peak",
+    "attention": "attention backends",
+    "lora": "LoRA training",
+    "packing": "packed sequences",
+    "kernels": "SDPA kernels",
+    "sft-packed": "project recipe: SFT packed",
+    "sft-padded": "project recipe: SFT padded",
+    "dpo": "project recipe: DPO",
+    "qlora": "project recipe: QLoRA",
+    "peft-qlora": "QLoRA",
+}
+
+# The recipe subprocess: ``workers.training.run.main`` unchanged, with a watcher around
+# ``model.load_base_model`` (what the loaded base is made of) and the process's peak CUDA memory
+# at the end, both as one tagged JSON line on stderr each. recipe.py imports load_base_model when
+# run.main first imports it, after the patch.
+PROBE_TAG = "GPU_CHECK_PROBE "
+PROBE = f"""
+import json, sys
+import workers.training.run as run
+import workers.training.model as model
+
+TAG = {PROBE_TAG!r}
+load = model.load_base_model
+
+
+def watched(spec, runtime):
+    base = load(spec, runtime)
+    kinds, quant, linear = {{}}, set(), 0
+    for module in base.modules():
+        name = type(module).__name__
+        if name in ("Linear4bit", "Linear8bitLt"):
+            kinds[name] = kinds.get(name, 0) + 1
+            state = getattr(module.weight, "quant_state", None)
+            kind = getattr(state, "quant_type", None) or getattr(module.weight, "quant_type", "?")
+            quant.add(str(kind))
+            storage = str(module.weight.dtype).removeprefix("torch.")
+        elif name == "Linear":
+            linear += 1
+    seen = dict(kinds)
+    seen["plain Linear"] = linear
+    if kinds:
+        seen["quant types"] = sorted(quant)
+        seen["stored as"] = storage
+        config = getattr(base.config, "quantization_config", None)
+        seen["compute dtype"] = str(getattr(config, "bnb_4bit_compute_dtype", None))
+    seen["footprint MiB"] = round(base.get_memory_footprint() / 2**20, 1)
+    print(TAG + json.dumps({{"base model": seen}}), file=sys.stderr, flush=True)
+    return base
+
+
+model.load_base_model = watched
+code = run.main()
+import torch
+if torch.cuda.is_available() and torch.cuda.is_initialized():
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(TAG + json.dumps({{"peak memory GiB": round(peak, 2)}}), file=sys.stderr, flush=True)
+sys.exit(code)
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.fetch_wheels:
-        return fetch_wheels(Path(args.fetch_wheels), args.wheel_python)
+        return fetch_wheels(Path(args.fetch_wheels), args.wheel_python, arrow=args.with_arrow)
     report: Result = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sections": {}}
     began = time.perf_counter()
     _section(report, "environment", lambda: _environment())
@@ -93,16 +162,25 @@ def main(argv: list[str] | None = None) -> int:
         return _finish(report, began)
 
     ctx = _Context(args, device)
-    _section(report, "bf16 matmul peak", ctx.matmul_peak)
+    runs: dict[str, Callable[[], Result]] = {
+        "matmul": ctx.matmul_peak,
+        "attention": ctx.attention_backends,
+        "lora": ctx.lora_training,
+        "packing": ctx.packing,
+        "kernels": ctx.sdpa_kernels,
+        "sft-packed": lambda: ctx.recipe("sft", packing=True),
+        "sft-padded": lambda: ctx.recipe("sft", packing=False),
+        "dpo": lambda: ctx.recipe("dpo", packing=False),
+        "qlora": ctx.recipe_qlora,
+        "peft-qlora": ctx.qlora,
+    }
+    chosen = args.only or list(SECTIONS)
+    if "matmul" in chosen:
+        _section(report, SECTIONS["matmul"], runs["matmul"])
     _section(report, "build bench model", ctx.build_model)
-    _section(report, "attention backends", ctx.attention_backends)
-    _section(report, "LoRA training", ctx.lora_training)
-    _section(report, "packed sequences", ctx.packing)
-    _section(report, "SDPA kernels", ctx.sdpa_kernels)
-    _section(report, "project recipe: SFT packed", lambda: ctx.recipe("sft", packing=True))
-    _section(report, "project recipe: SFT padded", lambda: ctx.recipe("sft", packing=False))
-    _section(report, "project recipe: DPO", lambda: ctx.recipe("dpo", packing=False))
-    _section(report, "QLoRA", ctx.qlora)
+    for key in SECTIONS:
+        if key != "matmul" and key in chosen:
+            _section(report, SECTIONS[key], runs[key])
     return _finish(report, began)
 
 
@@ -135,6 +213,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds one recipe subprocess may run before it is killed",
     )
     parser.add_argument(
+        "--qlora-recipe-steps",
+        type=int,
+        default=25,
+        help="optimizer steps of the QLoRA recipe run (packed SFT, quantization 4bit)",
+    )
+    parser.add_argument(
+        "--qlora-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the QLoRA recipe subprocess may run before it is killed",
+    )
+    parser.add_argument(
+        "--only",
+        type=_section_keys,
+        metavar="KEYS",
+        help="comma-separated sections to run besides the environment and the model build: "
+        + ", ".join(SECTIONS),
+    )
+    parser.add_argument(
         "--fetch-wheels",
         metavar="DIR",
         help="download the wheels the recipe needs on the GPU machine into DIR, and stop",
@@ -142,7 +239,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--wheel-python", default="3.12", help="CPython version of the GPU machine's python"
     )
+    parser.add_argument(
+        "--with-arrow",
+        action="store_true",
+        help="--fetch-wheels: also fetch pyarrow and pandas (for a machine that lacks them)",
+    )
     return parser.parse_args(argv)
+
+
+def _section_keys(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in SECTIONS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(
+            f"unknown section {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}"
+        )
+    return keys
 
 
 def _pick_device(choice: str) -> Any:
@@ -239,15 +351,23 @@ def _environment() -> Result:
     return result
 
 
-def fetch_wheels(dest: Path, python_version: str) -> int:
-    """Download CARRIED as manylinux x86_64 wheels for CPython ``python_version``, slimmed."""
+def fetch_wheels(dest: Path, python_version: str, *, arrow: bool = False) -> int:
+    """Download CARRIED (and ARROW) as manylinux x86_64 wheels for CPython ``python_version``,
+    slimmed; wheels of other projects left in ``dest`` from an earlier fetch are removed."""
     dest.mkdir(parents=True, exist_ok=True)
-    platforms = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"]
+    wanted = [*CARRIED, *(ARROW if arrow else ())]
+    projects = {_project(r.split("==")[0]) for r in wanted}
+    for old in dest.glob("*.whl"):
+        if _project(old.name.split("-")[0]) not in projects:
+            print(f"removed  {old.name}")
+            old.unlink()
+    platforms = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64"]
+    platforms.append("manylinux_2_28_x86_64")  # bitsandbytes 0.50 is tagged manylinux_2_24
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
     command += ["--only-binary=:all:", "--python-version", python_version, "-d", str(dest)]
     for name in platforms:
         command += ["--platform", name]
-    subprocess.run([*command, *CARRIED], check=True)
+    subprocess.run([*command, *wanted], check=True)
     (dest / "requirements.txt").write_text("".join(f"{r}\n" for r in REQUIRED))
     for wheel in sorted(dest.glob("*.whl")):
         pattern = PRUNED.get(wheel.name.split("-")[0].lower())
@@ -257,6 +377,11 @@ def fetch_wheels(dest: Path, python_version: str) -> int:
     total = sum(w.stat().st_size for w in dest.glob("*.whl")) / 2**20
     print(f"{total:6.1f} MiB  in all (the tree travels in 64 MiB with them)")
     return 0
+
+
+def _project(name: str) -> str:
+    """A distribution name as wheel file names spell it (PEP 427): huggingface-hub, six."""
+    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 def _prune_wheel(wheel: Path, pattern: re.Pattern[str]) -> None:
@@ -745,8 +870,38 @@ class _Context:
         del model
         return shown
 
-    def recipe(self, method: str, *, packing: bool) -> Result:
-        """``python -m workers.training.run SPEC.json`` on the built model, as a worker runs it."""
+    def recipe_qlora(self) -> Result:
+        """The recipe with quantization "4bit" (QLoRA, NF4 base via bitsandbytes), packed SFT."""
+        if not self.cuda:
+            print("   skipped: no CUDA (QLoRA needs a CUDA GPU)")
+            return {"status": "skipped", "reason": "no CUDA"}
+        bnb = _version("bitsandbytes", try_import=True)
+        if not bnb[:1].isdigit() or "import fails" in bnb:
+            print(f"   skipped: bitsandbytes {bnb}")
+            return {"status": "skipped", "reason": f"bitsandbytes {bnb}"}
+        return self.recipe(
+            "sft",
+            packing=True,
+            quantization="4bit",
+            steps=self.args.qlora_recipe_steps,
+            timeout=self.args.qlora_timeout,
+        )
+
+    def recipe(
+        self,
+        method: str,
+        *,
+        packing: bool,
+        quantization: str = "none",
+        steps: int | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """``python -m workers.training.run SPEC.json`` on the built model, as a worker runs it.
+
+        The subprocess is the recipe's own entry point, run under PROBE, which only watches: it
+        reports the peak CUDA memory of the process and what the loaded base model is made of
+        (4-bit layers, quantization type, memory footprint) on stderr.
+        """
         if self.model_dir is None:
             raise RuntimeError("the model was not built (see 'build bench model')")
         missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
@@ -759,10 +914,18 @@ class _Context:
         from workers.training.spec import TrainingSpec
 
         work = Path(self._tmp.name) / f"recipe-{method}-{'packed' if packing else 'padded'}"
+        if quantization != "none":
+            work = work.with_name(f"{work.name}-{quantization}")
         work.mkdir()
         sft = method == "sft"
         per_step = self.args.recipe_examples if sft else max(2, self.args.recipe_examples // 4)
-        steps = self.args.recipe_steps if sft and packing else max(4, self.args.recipe_steps // 3)
+        if steps is None:
+            steps = (
+                self.args.recipe_steps if sft and packing else max(4, self.args.recipe_steps // 3)
+            )
+        timeout = timeout or self.args.recipe_timeout
+        # QLoRA's done event also carries the parity sample, generated on the 4-bit base.
+        parity = [{"role": "user", "content": "What happens next?"}]
         # DPO sees the same pairs every step: its loss on them must fall from log 2.
         records = self._chat_records(per_step * steps if sft else per_step, method)
         data = work / "train.safetensors"
@@ -789,6 +952,9 @@ class _Context:
             packing=packing,
             logging_steps=1,
             dtype="auto",
+            quantization=quantization,
+            parity_messages=parity if quantization != "none" else None,
+            parity_max_tokens=8,
         )
         spec_path = spec.save(work / "spec.json")
         env = {
@@ -800,20 +966,24 @@ class _Context:
         began = time.perf_counter()
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "workers.training.run", str(spec_path)],
+                [sys.executable, "-c", PROBE, str(spec_path)],
                 cwd=REPO_ROOT,
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=self.args.recipe_timeout,
+                timeout=timeout,
                 check=False,
             )
             stdout, stderr, code = done.stdout, done.stderr, done.returncode
         except subprocess.TimeoutExpired as exc:
             stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
             stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-            code = f"killed after {self.args.recipe_timeout:.0f} s"
+            code = f"killed after {timeout:.0f} s"
         wall = time.perf_counter() - began
+        probed: Result = {}
+        for line in stderr.splitlines():
+            if line.startswith(PROBE_TAG):
+                probed.update(json.loads(line.removeprefix(PROBE_TAG)))
         events = []
         for line in stdout.splitlines():
             try:
@@ -853,12 +1023,24 @@ class _Context:
                     round(speeds[len(speeds) // 2]),
                     f"{speeds[len(speeds) // 2]:,.0f}",
                 )
+        if "base model" in probed:
+            _say(result, "base model", probed["base model"])
+        if "peak memory GiB" in probed:
+            _say(result, "peak memory GiB", probed["peak memory GiB"])
         if finished.get("type") == "done":
             _say(result, "done metrics", finished.get("metrics"))
             _say(result, "adapter", self._check_adapter(Path(spec.output_dir)))
+            if finished.get("parity"):
+                answer = finished["parity"]
+                _say(
+                    result,
+                    "parity sample",
+                    f"{len(answer.get('token_ids', []))} tokens, {answer.get('text', '')!r}"[:120],
+                )
         elif finished:
             _say(result, "error", finished.get("message"))
         _say(result, "wall seconds", round(wall, 1))
+        quantized = probed.get("base model", {})
         ok = (
             code == 0
             and finished.get("type") == "done"
@@ -867,6 +1049,14 @@ class _Context:
             and all(isinstance(v, float) for v in losses)
             and losses[-1] < losses[0]
             and str(result.get("adapter", "")).startswith("ok")
+            and (
+                quantization != "4bit"
+                or (
+                    quantized.get("Linear4bit", 0) > 0
+                    and quantized.get("quant types") == ["nf4"]
+                    and bool(finished.get("parity"))
+                )
+            )
         )
         if not ok:
             result["status"] = "failed"

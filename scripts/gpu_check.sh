@@ -2,7 +2,8 @@
 # One prepared run of the GPU-only training paths (bf16 LoRA steps, SDPA / FlashAttention-2
 # selection, packed-sequence isolation, the project's recipe through `python -m
 # workers.training.run`, QLoRA where bitsandbytes is present).
-# Usage: scripts/gpu_check.sh [--device cpu --preset tiny ...]; see scripts/gpu_check.py --help.
+# Usage: scripts/gpu_check.sh [--device cpu --preset tiny ...] [--only qlora,...]; see
+# scripts/gpu_check.py --help.
 # With $OUT set, the results are also written to $OUT/gpu_check.json.
 # Wheels for a machine without network: `scripts/gpu_check.py --fetch-wheels .gpu-wheels` on a
 # development machine, then carry .gpu-wheels along with the tree.

@@ -248,12 +248,14 @@ def _env_example_names() -> set[str]:
 
 
 def test_env_example_lists_every_setting() -> None:
+    from api.admin.settings import AdminSettings
     from api.settings import APISettings
     from serving.settings import GatewaySettings
     from workers.settings import WorkerSettings
 
     fields = (
         set(APISettings.model_fields)
+        | set(AdminSettings.model_fields)
         | set(GatewaySettings.model_fields)
         | set(WorkerSettings.model_fields)
     )

@@ -70,6 +70,7 @@ def test_every_section_runs_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
         "project recipe: SFT packed": "ok",
         "project recipe: SFT padded": "ok",
         "project recipe: DPO": "ok",
+        "project recipe: QLoRA": "skipped",
         "QLoRA": "skipped",
     }
     training = sections["LoRA training"]
@@ -92,6 +93,31 @@ def test_every_section_runs_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     assert packed["events"] == {"started": 1, "metrics": 6, "done": 1}
     assert packed["adapter"].startswith("ok: safetensors")
     assert sections["project recipe: SFT padded"]["started"]["attn"] == "sdpa"
+    # The recipe runs under the probe, which reports what the loaded base is made of.
+    assert packed["base model"]["plain Linear"] > 0
+    assert "Linear4bit" not in packed["base model"]
+    assert sections["project recipe: QLoRA"]["reason"] == "no CUDA"
+
+
+def test_only_runs_the_named_sections(tmp_path: Path) -> None:
+    done = _run(tmp_path, "--device", "cpu", "--preset", "tiny", "--only", "qlora,peft-qlora")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert {name: s["status"] for name, s in sections.items()} == {
+        "environment": "ok",
+        "build bench model": "ok",
+        "project recipe: QLoRA": "skipped",
+        "QLoRA": "skipped",
+    }
+    assert "skipped: no CUDA" in done.stdout
+
+
+def test_only_rejects_an_unknown_section(tmp_path: Path) -> None:
+    done = _run(tmp_path, "--only", "qlora,nope")
+
+    assert done.returncode == 2
+    assert "unknown section nope" in done.stderr
 
 
 def test_pruned_wheel_loses_the_matched_files_and_their_record_lines(tmp_path: Path) -> None:
@@ -127,3 +153,24 @@ def test_pruned_wheel_loses_the_matched_files_and_their_record_lines(tmp_path: P
         "pyarrow-1.0.dist-info/RECORD",
     }
     assert {line.split(",")[0] for line in kept_record} == names
+
+
+def test_bitsandbytes_keeps_its_cuda_13_and_cpu_libraries_only() -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    pattern = gpu_check.PRUNED["bitsandbytes"]
+    libs = ["cuda118", "cuda121", "cuda128", "cuda130", "cuda132", "rocm72", "xpu2026", "cpu"]
+    names = [f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in libs]
+
+    kept = [n for n in names if not pattern.search(n)]
+
+    assert kept == [
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+        "bitsandbytes/libbitsandbytes_cuda132.so",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+    ]
+    assert not pattern.search("bitsandbytes/functional.py")
+    carried = {r.split("==")[0] for r in gpu_check.CARRIED}
+    assert "bitsandbytes" in carried and not carried & {"pyarrow", "pandas"}

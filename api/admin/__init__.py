@@ -1,0 +1,1 @@
+"""The admin dashboard (`/admin`): server-rendered pages for operators and tenant admins."""

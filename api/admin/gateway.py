@@ -1,0 +1,68 @@
+"""What the inference gateway reports about its vLLM replicas (its /readyz JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Replica:
+    url: str
+    healthy: bool
+    base_model: str | None
+    adapters: list[str]
+    inflight: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class GatewayView:
+    configured: bool
+    status: str = ""
+    error: str | None = None
+    replicas: list[Replica] = field(default_factory=list)
+
+    def where_loaded(self) -> dict[str, list[str]]:
+        """Adapter (model) name -> the replicas that have it loaded."""
+        found: dict[str, list[str]] = {}
+        for replica in self.replicas:
+            for adapter in replica.adapters:
+                found.setdefault(adapter, []).append(replica.url)
+        return found
+
+
+def _replica(url: str, raw: Any) -> Replica:
+    info = raw if isinstance(raw, dict) else {}
+    adapters = info.get("adapters")
+    return Replica(
+        url=url,
+        healthy=bool(info.get("healthy")),
+        base_model=str(info["base_model"]) if info.get("base_model") else None,
+        adapters=[str(a) for a in adapters] if isinstance(adapters, list) else [],
+        inflight=int(info.get("inflight") or 0),
+        error=str(info["error"])[:300] if info.get("error") else None,
+    )
+
+
+def fetch(gateway_url: str, timeout: float = 2.0) -> GatewayView:
+    """Ask the gateway; a gateway that is down or answers nonsense is shown, not raised."""
+    if not gateway_url:
+        return GatewayView(configured=False)
+    try:
+        # /readyz answers 503 with the same body while no replica is healthy.
+        body = httpx.get(gateway_url.rstrip("/") + "/readyz", timeout=timeout).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return GatewayView(configured=True, error=f"unreachable: {type(exc).__name__}")
+    if not isinstance(body, dict):
+        return GatewayView(configured=True, error="unexpected answer from /readyz")
+    replicas = body.get("replicas")
+    return GatewayView(
+        configured=True,
+        status=str(body.get("status", "")),
+        replicas=[_replica(str(u), r) for u, r in replicas.items()]
+        if isinstance(replicas, dict)
+        else [],
+    )

@@ -1,0 +1,166 @@
+"""Dashboard sessions, CSRF tokens and the login throttle (no database table of their own).
+
+A session is a cookie ``USER_ID.ISSUED_AT.NONCE.SIGNATURE``. The signature is an HMAC, under a
+key derived from the server secret, over the first three parts and a fingerprint of the user's
+password hash, so a password change ends every session of that user. Each request checks the
+signature, the age, the user row (not disabled, tenant not disabled) and the logout denylist.
+CSRF tokens are an HMAC of the session nonce (the login form: of a random pre-login cookie).
+See docs/adr/0010-admin-dashboard.md for why, and for what the in-process parts cannot do.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+_HASHER = PasswordHasher()
+# Verified when the email is unknown, so a miss costs what a wrong password costs.
+_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+
+
+def hash_password(password: str) -> str:
+    return _HASHER.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    try:
+        return _HASHER.verify(password_hash or _DUMMY_HASH, password) and bool(password_hash)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def needs_rehash(password_hash: str) -> bool:
+    return _HASHER.check_needs_rehash(password_hash)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class SessionClaims:
+    user_id: str
+    issued_at: int
+    nonce: str
+
+
+class SessionSigner:
+    """Signs and checks session cookies and CSRF tokens with keys derived from one secret."""
+
+    def __init__(self, secret_key: str, lifetime_seconds: int) -> None:
+        root = secret_key.encode()
+        self._session_key = hmac.new(root, b"loraplex/admin/session", hashlib.sha256).digest()
+        self._csrf_key = hmac.new(root, b"loraplex/admin/csrf", hashlib.sha256).digest()
+        self.lifetime = lifetime_seconds
+
+    @staticmethod
+    def _credential(password_hash: str) -> str:
+        return hashlib.sha256(password_hash.encode()).hexdigest()[:32]
+
+    def _sign(self, payload: str, password_hash: str) -> str:
+        message = f"{payload}.{self._credential(password_hash)}".encode()
+        return _b64(hmac.new(self._session_key, message, hashlib.sha256).digest())
+
+    def issue(self, user_id: str, password_hash: str, now: int | None = None) -> str:
+        issued = int(time.time()) if now is None else now
+        payload = f"{user_id}.{issued}.{secrets.token_urlsafe(18)}"
+        return f"{payload}.{self._sign(payload, password_hash)}"
+
+    def parse(self, cookie: str, now: int | None = None) -> SessionClaims | None:
+        """The claims of a well-formed, unexpired cookie (its signature is checked later,
+        by :meth:`verify`, once the user's password hash has been read)."""
+        parts = cookie.split(".")
+        if len(parts) != 4 or len(cookie) > 300:
+            return None
+        user_id, issued_text, nonce, _signature = parts
+        if not issued_text.isdigit() or not user_id or not nonce:
+            return None
+        issued = int(issued_text)
+        current = int(time.time()) if now is None else now
+        if issued > current + 60 or current - issued > self.lifetime:
+            return None
+        return SessionClaims(user_id, issued, nonce)
+
+    def verify(self, cookie: str, password_hash: str) -> bool:
+        payload, _, signature = cookie.rpartition(".")
+        return hmac.compare_digest(signature, self._sign(payload, password_hash))
+
+    def csrf_token(self, binding: str) -> str:
+        """The form token of a session (its nonce) or of a login form (the pre-login cookie)."""
+        return _b64(hmac.new(self._csrf_key, binding.encode(), hashlib.sha256).digest())
+
+    def csrf_ok(self, binding: str | None, presented: str | None) -> bool:
+        if not binding or not presented:
+            return False
+        return hmac.compare_digest(presented, self.csrf_token(binding))
+
+
+class LogoutDenylist:
+    """Nonces of sessions that logged out, kept until their cookie would have expired."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, nonce: str, until: float) -> None:
+        with self._lock:
+            now = time.time()
+            if len(self._until) > 1000:
+                self._until = {n: t for n, t in self._until.items() if t > now}
+            self._until[nonce] = until
+
+    def __contains__(self, nonce: object) -> bool:
+        until = self._until.get(str(nonce))
+        return until is not None and until > time.time()
+
+
+class LoginThrottle:
+    """At most ``attempts`` failed logins per (email, client address) within ``window``."""
+
+    def __init__(self, attempts: int, window: float, max_keys: int = 10_000) -> None:
+        self.attempts = attempts
+        self.window = window
+        self._max_keys = max_keys
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        found = self._failures.get(key)
+        if found is None:
+            return deque()
+        while found and found[0] <= now - self.window:
+            found.popleft()
+        return found
+
+    def retry_after(self, email: str, client: str) -> int:
+        """Seconds until another attempt is allowed; 0 when one is allowed now."""
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent((email.lower(), client), now)
+            if len(recent) < self.attempts:
+                return 0
+            return max(1, int(recent[0] + self.window - now) + 1)
+
+    def failed(self, email: str, client: str) -> None:
+        now = time.monotonic()
+        key = (email.lower(), client)
+        with self._lock:
+            if key not in self._failures and len(self._failures) >= self._max_keys:
+                # Forget keys whose failures have all aged out of the window.
+                self._failures = {k: v for k, v in self._failures.items() if self._recent(k, now)}
+            recent = self._recent(key, now)
+            recent.append(now)
+            self._failures[key] = recent
+
+    def succeeded(self, email: str, client: str) -> None:
+        with self._lock:
+            self._failures.pop((email.lower(), client), None)
