@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -91,6 +92,13 @@ def claim_due(
     for delivery, endpoint in session.execute(stmt).all():
         delivery.attempts += 1
         delivery.next_attempt_at_ms = current + lease_ms
+        try:
+            secrets = live_secrets(endpoint, settings.secret_key, now_ts())
+        except (ValueError, InvalidTag):
+            # Encrypted under another server secret (a rotation gone wrong): never send it
+            # unsigned; it is retried after the lease, and the error is visible in the logs.
+            log.error("webhook endpoint %s: its secret cannot be decrypted", endpoint.id)
+            continue
         claimed.append(
             DueDelivery(
                 id=delivery.id,
@@ -98,7 +106,7 @@ def claim_due(
                 url=endpoint.url,
                 event_id=delivery.event_id,
                 body=delivery.body,
-                secrets=live_secrets(endpoint, settings.secret_key, now_ts()),
+                secrets=secrets,
                 attempt=delivery.attempts,
             )
         )

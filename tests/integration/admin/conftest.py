@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningApi, TenantCreds
+from tests.conftest import TEST_SECRET, RunningApi, TenantCreds
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -29,7 +29,7 @@ ARTIFACTS = Path(__file__).resolve().parents[3] / "artifacts" / "admin"
 PASSWORD = "correct horse battery staple"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():  # type: ignore[no-untyped-def]
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
@@ -162,6 +162,7 @@ class Seeder:
 
     def failed_delivery(self, tenant_id: str) -> tuple[str, str]:
         from common import ids
+        from common.webhooks.signing import encrypt_secret, generate_secret
         from models_db.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
         endpoint_id, delivery_id = (
@@ -175,7 +176,7 @@ class Seeder:
                     tenant_id=tenant_id,
                     url="https://hooks.example.com/loraplex",
                     events=["fine_tuning.job.succeeded"],
-                    secret_encrypted="not-used-by-these-tests",
+                    secret_encrypted=encrypt_secret(TEST_SECRET, generate_secret()),
                     enabled=True,
                 )
             )
