@@ -113,6 +113,9 @@ def up(port: int) -> None:
     from serving.combined import create_combined_app
     from serving.settings import GatewaySettings
 
+    # Plain, coloured log lines for a person at a terminal (this process and its children),
+    # unless LORAPLEX_JSON_LOGS says otherwise.
+    os.environ.setdefault("LORAPLEX_JSON_LOGS", "false")
     settings = _settings()
     key = bootstrap_embedded(settings)
     if key:
