@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -239,6 +240,7 @@ class AdapterPlacer:
                     f"{response.status_code} {response.text[:300]}"
                 )
             replica.adapters[ref.name] = None
+            replica.loaded_at[ref.name] = time.monotonic()
             self.loads += 1
             ADAPTER_LOADS.labels(replica.url).inc()
             log.info("adapter %s loaded on %s", ref.name, replica.url)
@@ -265,12 +267,14 @@ class AdapterPlacer:
                 f"replica {replica.url} failed to unload {name}: {response.status_code}"
             )
         replica.adapters.pop(name, None)
+        replica.loaded_at.pop(name, None)
         ADAPTER_UNLOADS.labels(replica.url).inc()
         log.info("adapter %s unloaded from %s", name, replica.url)
 
     def forget_on(self, replica: Replica, name: str) -> None:
         """The replica answered 404 for ``name``: it no longer has it (e.g. it restarted)."""
         replica.adapters.pop(name, None)
+        replica.loaded_at.pop(name, None)
 
     async def retire(self, name: str) -> None:
         """Unload a retired model from every replica and drop its local copy."""

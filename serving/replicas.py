@@ -46,6 +46,9 @@ class Replica:
     inflight: int = 0
     # Registered adapters in least-recently-used order (oldest first).
     adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # When the gateway registered each adapter (monotonic): a health answer older than that
+    # must not make the gateway forget it.
+    loaded_at: dict[str, float] = field(default_factory=dict)
     cooldown_until: float = 0.0
     last_error: str | None = None
     # Serializes load/unload calls on this replica so the capacity bookkeeping stays exact.
@@ -79,6 +82,7 @@ class ReplicaPool:
 
     async def check(self, replica: Replica) -> None:
         """Refresh one replica's health, base model and registered adapters."""
+        asked_at = time.monotonic()
         try:
             response = await self._client.get(
                 f"{replica.url}/v1/models", headers=self._headers, timeout=5.0
@@ -91,13 +95,16 @@ class ReplicaPool:
             replica.healthy = False
             replica.last_error = f"{type(exc).__name__}: {exc}"
             replica.adapters.clear()
+            replica.loaded_at.clear()
             self._rings.clear()
             return
         base = next((e for e in entries if not e.get("parent")), None)
         loaded = {e["id"] for e in entries if e.get("parent")}
         # Keep our LRU order for the adapters still there; forget those the replica lost.
         for name in [n for n in replica.adapters if n not in loaded]:
-            del replica.adapters[name]
+            if replica.loaded_at.get(name, 0.0) < asked_at:  # not loaded while we asked
+                del replica.adapters[name]
+                replica.loaded_at.pop(name, None)
         for name in sorted(loaded - set(replica.adapters)):
             replica.adapters[name] = None
             replica.adapters.move_to_end(name, last=False)
