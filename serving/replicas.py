@@ -76,7 +76,8 @@ class ReplicaPool:
         self.replicas = [Replica(url=u) for u in urls]
         self._client = client
         self._headers = headers
-        self._rings: dict[str, tuple[list[int], list[Replica]]] = {}
+        # Per base model: ring positions, the replica at each, and the distinct replicas.
+        self._rings: dict[str, tuple[list[int], list[Replica], list[Replica]]] = {}
 
     # ---- health -------------------------------------------------------------------------
 
@@ -133,16 +134,17 @@ class ReplicaPool:
     def serving(self, base_model: str) -> list[Replica]:
         return [r for r in self.replicas if r.healthy and r.base_model == base_model]
 
-    def _ring(self, base_model: str) -> tuple[list[int], list[Replica]]:
+    def _ring(self, base_model: str) -> tuple[list[int], list[Replica], list[Replica]]:
         ring = self._rings.get(base_model)
         if ring is None:
+            members = self.serving(base_model)
             points: list[tuple[int, Replica]] = []
-            for replica in self.serving(base_model):
+            for replica in members:
                 points.extend(
                     (_point(f"{replica.url}#{i}"), replica) for i in range(_VIRTUAL_NODES)
                 )
             points.sort(key=lambda p: p[0])
-            ring = ([p for p, _ in points], [r for _, r in points])
+            ring = ([p for p, _ in points], [r for _, r in points], members)
             self._rings[base_model] = ring
         return ring
 
@@ -150,11 +152,11 @@ class ReplicaPool:
         self, base_model: str, key: str, exclude: frozenset[Replica] = frozenset()
     ) -> Replica:
         """The replica for ``key`` (an adapter or base model name) with bounded load."""
-        positions, owners = self._ring(base_model)
-        candidates = [r for r in dict.fromkeys(owners) if r.available and r not in exclude]
+        positions, owners, members = self._ring(base_model)
+        candidates = [r for r in members if r.available and r not in exclude]
         if not candidates:
             # Replicas in cool-down are still better than none.
-            candidates = [r for r in dict.fromkeys(owners) if r.healthy and r not in exclude]
+            candidates = [r for r in members if r.healthy and r not in exclude]
         if not candidates:
             raise NoReplica(base_model)
         total = sum(r.inflight for r in candidates)

@@ -20,7 +20,7 @@ from models_db.session import transaction
 from workers.context import WorkerContext
 from workers.jobs.reaper import reap
 from workers.settings import WorkerSettings
-from workers.webhooks.delivery import WebhookSender
+from workers.webhooks.delivery import WebhookSender, claim_due, deliver, make_client
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,17 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
         run_available_jobs(context())
 
+    # One client for every wake-up message of this process, not one per delivery.
+    webhook_client = make_client(settings)
+
     @app.task(name=DELIVER_WEBHOOK_TASK)
     def deliver_webhook(delivery_id: str) -> None:
         # A wake-up for one new delivery; the sender thread sends anything this misses.
-        from workers.webhooks.delivery import claim_due, deliver, make_client
-
         ctx = context()
         with transaction(ctx.session_factory) as session:
             due = claim_due(session, ctx.settings, only_id=delivery_id)
         for item in due:
-            deliver(ctx.session_factory, ctx.settings, make_client(ctx.settings), item)
+            deliver(ctx.session_factory, ctx.settings, webhook_client, item)
 
     return app
 
