@@ -232,7 +232,7 @@ def vllm(
 
 @main.group()
 def admin() -> None:
-    """Platform administration: tenants and keys."""
+    """Platform administration: tenants, keys and dashboard users."""
 
 
 @admin.command("create-tenant")
@@ -326,6 +326,32 @@ def create_user(email: str, tenant: str | None, role: str) -> None:
     except UserError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"user {user.id} ({user.email}, {user.role})")
+
+
+@admin.command("reset-password")
+@click.argument("email")
+def reset_password(email: str) -> None:
+    """Set a dashboard user's password (read from stdin, or prompted for); every session of
+    that user ends."""
+    from api.admin import service
+    from api.admin.repository import AdminRepository
+    from models_db.session import make_engine, make_session_factory, transaction
+
+    if sys.stdin.isatty():
+        password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    settings = _settings()
+    factory = make_session_factory(make_engine(settings.database_url))
+    try:
+        with transaction(factory) as session:
+            user = AdminRepository(session, None).user_by_email(email.strip().lower())
+            if user is None:
+                raise click.ClickException(f"no user {email!r}")
+            service.reset_password(session, service.CLI, user.id, password)
+    except service.UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"password of {user.email} changed; their sessions ended")
 
 
 @main.group()

@@ -10,7 +10,7 @@ from fastapi import Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
-from api.admin import service
+from api.admin import service, sessions
 from api.admin.repository import AdminRepository
 from api.admin.web import (
     COOKIE_PATH,
@@ -25,8 +25,11 @@ from api.admin.web import (
 )
 from api.deps import SessionDep
 from api.errors import NotFound, PermissionDenied, RateLimited
+from models_db.base import now_ts
 
 AdminDep = Annotated[AdminState, Depends(admin_state)]
+# A session's last_seen_at is written at most this often, not on every request.
+_SEEN_INTERVAL_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,6 @@ class Viewer:
     role: str
     tenant_id: str | None  # None: a platform admin, who sees every tenant
     nonce: str
-    issued_at: int
     csrf_token: str
 
     @property
@@ -72,23 +74,32 @@ class Viewer:
 def current_viewer(request: Request, session: SessionDep, admin: AdminDep) -> Viewer:
     cookie = request.cookies.get(SESSION_COOKIE)
     claims = admin.signer.parse(cookie) if cookie else None
-    if cookie is None or claims is None or claims.nonce in admin.denylist:
+    if cookie is None or claims is None:
         raise LoginRequired
-    found = AdminRepository(session, None).user(claims.user_id)
+    found = AdminRepository(session, None).login_session(
+        claims.user_id, sessions.session_id(claims.nonce)
+    )
     if found is None:
         raise LoginRequired
-    user, tenant = found
+    user, tenant, login = found
+    # The signature is the first gate: a forged cookie is refused whatever the rows say.
     if not admin.signer.verify(cookie, user.password_hash) or user.disabled_at is not None:
         raise LoginRequired
     if user.role != "platform-admin" and (tenant is None or tenant.disabled_at is not None):
         raise LoginRequired
+    # Then the session's row, which logout, a password reset or disabling revoked on every
+    # replica at once.
+    now = now_ts()
+    if login is None or login.revoked_at is not None or login.expires_at < now:
+        raise LoginRequired
+    if login.last_seen_at is None or now - login.last_seen_at >= _SEEN_INTERVAL_SECONDS:
+        login.last_seen_at = now
     return Viewer(
         user_id=user.id,
         email=user.email,
         role=user.role,
         tenant_id=None if user.role == "platform-admin" else user.tenant_id,
         nonce=claims.nonce,
-        issued_at=claims.issued_at,
         csrf_token=admin.signer.csrf_token(claims.nonce),
     )
 
@@ -123,8 +134,16 @@ def require_platform(viewer: PosterDep) -> Viewer:
     return viewer
 
 
+def require_manager(viewer: ViewerDep) -> Viewer:
+    """Pages that only managers see (the users page): members get 403 even to look."""
+    if not viewer.can_write:
+        raise PermissionDenied("Members cannot manage users; ask a tenant admin.")
+    return viewer
+
+
 WriterDep = Annotated[Viewer, Depends(require_writer)]
 PlatformDep = Annotated[Viewer, Depends(require_platform)]
+ManagerDep = Annotated[Viewer, Depends(require_manager)]
 
 
 def set_cookie(
@@ -223,19 +242,19 @@ def login(
             status_code=401,
         )
     admin.throttle.succeeded(email, client)
+    nonce, issued = sessions.new_nonce(), now_ts()
+    service.start_session(session, user, nonce, issued, admin.signer.lifetime)
+    cookie = admin.signer.issue(user.id, user.password_hash, now=issued, nonce=nonce)
     response = redirect(_safe_next(next))
-    set_cookie(
-        request, response, admin, SESSION_COOKIE, admin.signer.issue(user.id, user.password_hash)
-    )
+    set_cookie(request, response, admin, SESSION_COOKIE, cookie)
     response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
     return response
 
 
 @router.post("/logout")
-def logout(viewer: PosterDep, session: SessionDep, admin: AdminDep) -> RedirectResponse:
-    """End this session: its cookie is refused from now on, even if replayed."""
-    admin.denylist.add(viewer.nonce, viewer.issued_at + admin.signer.lifetime + 60)
-    service.audit(session, viewer.actor, viewer.tenant_id, "user.logout", ("user", viewer.user_id))
+def logout(viewer: PosterDep, session: SessionDep) -> RedirectResponse:
+    """End this session: its cookie is refused from now on, on every replica, even if replayed."""
+    service.end_session(session, viewer.user_id, viewer.tenant_id, viewer.nonce)
     response = redirect("/admin/login")
     response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
     return response

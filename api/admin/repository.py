@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from api.catalog.repository import FineTunedModelRepository
@@ -21,6 +21,7 @@ from api.webhooks.service import DeliveryRepository, EndpointRepository
 from common.ids import is_plausible_id
 from common.jobs import JobStatus
 from models_db.models import (
+    AdminSession,
     ApiKey,
     AuditLogEntry,
     File,
@@ -68,15 +69,22 @@ class AdminRepository:
 
     # --- users and tenants (platform-level tables) --------------------------------------
 
-    def user(self, user_id: str) -> tuple[User, Tenant | None] | None:
+    def login_session(
+        self, user_id: str, session_id: str
+    ) -> tuple[User, Tenant | None, AdminSession | None] | None:
+        """A user, their tenant and the ``admin_sessions`` row of one cookie (one query)."""
         if not is_plausible_id(user_id):
             return None
         row = self.session.execute(
-            select(User, Tenant)
+            select(User, Tenant, AdminSession)
             .outerjoin(Tenant, Tenant.id == User.tenant_id)
+            .outerjoin(
+                AdminSession,
+                (AdminSession.id == session_id) & (AdminSession.user_id == User.id),
+            )
             .where(User.id == user_id)
         ).first()
-        return (row[0], row[1]) if row else None
+        return (row[0], row[1], row[2]) if row else None
 
     def user_by_email(self, email: str) -> User | None:
         return self.session.scalars(select(User).where(User.email == email.lower())).first()
@@ -99,6 +107,20 @@ class AdminRepository:
             select(Tenant).where(Tenant.id == tenant_id).with_for_update()
         ).first()
 
+    def users(self, tenant_id: str | None = None) -> Sequence[User]:
+        """The users the viewer may manage; a platform admin may narrow them to one tenant."""
+        stmt = readable(self.session, UserScope, self.tenant_id)
+        if tenant_id:
+            stmt = stmt.where(User.tenant_id == tenant_id)
+        return self._rows(stmt.order_by(User.tenant_id.is_not(None), User.email))
+
+    def visible_user(self, user_id: str, *, for_update: bool = False) -> User | None:
+        """One user, if the viewer may see it (another tenant's user is not found)."""
+        if not is_plausible_id(user_id):
+            return None
+        stmt = readable(self.session, UserScope, self.tenant_id).where(User.id == user_id)
+        return self.session.scalars(stmt.with_for_update() if for_update else stmt).first()
+
     def users_of(self, tenant_id: str) -> Sequence[User]:
         return self._rows(readable(self.session, UserScope, tenant_id).order_by(User.email))
 
@@ -108,6 +130,72 @@ class AdminRepository:
     def keys_of(self, tenant_id: str) -> Sequence[ApiKey]:
         stmt = readable(self.session, ApiKeyScope, tenant_id)
         return self._rows(stmt.order_by(ApiKey.id.desc()))
+
+    # --- dashboard sessions (admin_sessions) -----------------------------------------------
+
+    def add_session(self, row: AdminSession) -> None:
+        self.session.add(row)
+
+    def delete_expired_sessions(self, user_id: str, now: int) -> None:
+        self.session.execute(
+            delete(AdminSession).where(
+                AdminSession.user_id == user_id, AdminSession.expires_at < now
+            )
+        )
+
+    def revoke_sessions(
+        self,
+        now: int,
+        reason: str,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> int:
+        """Revoke the live sessions of one session, one user or every user of one tenant;
+        returns how many ended."""
+        stmt = update(AdminSession).where(
+            AdminSession.revoked_at.is_(None), AdminSession.expires_at >= now
+        )
+        if session_id is not None:
+            stmt = stmt.where(AdminSession.id == session_id)
+        if user_id is not None:
+            stmt = stmt.where(AdminSession.user_id == user_id)
+        if tenant_id is not None:
+            stmt = stmt.where(
+                AdminSession.user_id.in_(select(User.id).where(User.tenant_id == tenant_id))
+            )
+        if session_id is None and user_id is None and tenant_id is None:
+            raise ValueError("say which sessions to revoke")
+        result = self.session.execute(
+            stmt.values(revoked_at=now, revoked_reason=reason).execution_options(
+                synchronize_session=False
+            )
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    def live_session_counts(self, user_ids: Sequence[str], now: int) -> dict[str, int]:
+        if not user_ids:
+            return {}
+        stmt = (
+            select(AdminSession.user_id, func.count())
+            .where(
+                AdminSession.user_id.in_(list(user_ids)),
+                AdminSession.revoked_at.is_(None),
+                AdminSession.expires_at >= now,
+            )
+            .group_by(AdminSession.user_id)
+        )
+        return {user_id: int(n) for user_id, n in self.session.execute(stmt)}
+
+    def sessions_of(self, user_id: str, limit: int = 20) -> Sequence[AdminSession]:
+        stmt = (
+            select(AdminSession)
+            .where(AdminSession.user_id == user_id)
+            .order_by(AdminSession.created_at.desc())
+            .limit(limit)
+        )
+        return self._rows(stmt)
 
     # --- jobs ---------------------------------------------------------------------------
 
@@ -232,15 +320,6 @@ class AdminRepository:
             .order_by(day.desc(), UsageRecord.tenant_id)
         )
         return [(t, int(d), k, int(q)) for t, d, k, q in self.session.execute(stmt)]
-
-    def set_audit_actor(self, tenant_id: str, action: str, actor: str) -> None:
-        """Name the actor of a tenant's audit rows of ``action`` written in this transaction
-        (the new tenant's own rows: nothing else can have its id yet)."""
-        self.session.execute(
-            update(AuditLogEntry)
-            .where(AuditLogEntry.tenant_id == tenant_id, AuditLogEntry.action == action)
-            .values(actor=actor)
-        )
 
     def audit(
         self, *, action: str | None = None, before: int | None = None, limit: int = 100

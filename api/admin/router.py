@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import RedirectResponse
 
 from api.admin import auth
-from api.admin.views import jobs, overview, reports, resources, tenants
+from api.admin.views import jobs, overview, reports, resources, tenants, users
 from api.admin.web import HERE, admin_lifespan, admin_router
 from api.errors import NotFound
 
@@ -36,5 +36,5 @@ def slash() -> RedirectResponse:
 
 
 router.include_router(files)
-for module in (auth, overview, tenants, jobs, resources, reports):
+for module in (auth, overview, tenants, users, jobs, resources, reports):
     router.include_router(module.router)

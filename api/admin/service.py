@@ -1,4 +1,4 @@
-"""What only the dashboard does: users and their logins, tenant quotas and disabling.
+"""What only the dashboard does: users, their logins and sessions, tenant quotas and disabling.
 
 Everything else the dashboard changes (jobs, keys, webhooks, models) goes through the API's own
 services with an :class:`AdminPrincipal`, so the rules and the audit rows are the API's.
@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
 from api.admin import sessions
 from api.admin.repository import AdminRepository
-from api.errors import BadRequest, NotFound
-from api.tenancy.service import Principal, create_tenant
+from api.errors import BadRequest, NotFound, PermissionDenied
+from api.tenancy.service import Principal
 from common import ids
 from models_db.base import now_ts
-from models_db.models import AuditLogEntry, Tenant, User
+from models_db.models import AdminSession, AuditLogEntry, Tenant, User
 
 ROLES = ("platform-admin", "tenant-admin", "member")
+# Who may give which role: nobody assigns a role above their own.
+RANK = {"member": 0, "tenant-admin": 1, "platform-admin": 2}
+TENANT_ROLES = ("tenant-admin", "member")
 _EMAIL_RE = re.compile(r"^[^@\s]{1,200}@[^@\s]{1,100}\.[^@\s]{1,60}$")
 MIN_PASSWORD_LENGTH = 10
 # Quota fields a platform admin may edit, with their bounds.
@@ -48,6 +51,35 @@ class UserError(ValueError):
     pass
 
 
+class Manager(Protocol):
+    """Who manages users: a dashboard user (``auth.Viewer``) or the CLI."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def tenant_id(self) -> str | None: ...
+
+    @property
+    def actor(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class CliManager:
+    """The ``loraplex admin`` commands: whoever can run them owns the database anyway."""
+
+    user_id: str = ""
+    role: str = "platform-admin"
+    tenant_id: str | None = None
+    actor: str = "cli"
+
+
+CLI = CliManager()
+
+
 def audit(
     session: Session,
     actor: str,
@@ -68,6 +100,11 @@ def audit(
     )
 
 
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"the password must be at least {MIN_PASSWORD_LENGTH} characters long")
+
+
 def create_user(
     session: Session,
     email: str,
@@ -82,8 +119,7 @@ def create_user(
         raise UserError(f"invalid email address {email!r}")
     if role not in ROLES:
         raise UserError(f"role must be one of {', '.join(ROLES)}")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise UserError(f"the password must be at least {MIN_PASSWORD_LENGTH} characters long")
+    _check_password(password)
     if role == "platform-admin":
         tenant_id = None
     elif tenant_id is None:
@@ -124,14 +160,6 @@ def check_login(session: Session, email: str, password: str) -> User | None:
     return user
 
 
-def create_tenant_as(session: Session, actor: str, name: str, slug: str | None) -> Tenant:
-    """The tenancy service's create, with the audit row naming the dashboard user."""
-    tenant = create_tenant(session, name, slug or None)
-    # create_tenant records the actor "cli" (it has no actor parameter yet): name the user.
-    AdminRepository(session, None).set_audit_actor(tenant.id, "tenant.create", actor)
-    return tenant
-
-
 def _tenant(session: Session, viewer_tenant: str | None, tenant_id: str) -> Tenant:
     row = AdminRepository(session, viewer_tenant).tenant_for_update(tenant_id)
     if row is None:
@@ -163,9 +191,174 @@ def set_tenant_disabled(session: Session, actor: str, tenant_id: str, disabled: 
     tenant = _tenant(session, None, tenant_id)
     if disabled and tenant.disabled_at is None:
         tenant.disabled_at = now_ts()
+        # Its users' sessions end for good: enabling the tenant again does not revive them.
+        AdminRepository(session, None).revoke_sessions(
+            tenant.disabled_at, "tenant_disabled", tenant_id=tenant.id
+        )
         audit(session, actor, tenant.id, "tenant.disable", ("tenant", tenant.id))
     elif not disabled and tenant.disabled_at is not None:
         tenant.disabled_at = None
         audit(session, actor, tenant.id, "tenant.enable", ("tenant", tenant.id))
     session.flush()
     return tenant
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+
+def start_session(session: Session, user: User, nonce: str, issued_at: int, lifetime: int) -> None:
+    """Record a login's session (and forget this user's expired ones)."""
+    repo = AdminRepository(session, None)
+    repo.delete_expired_sessions(user.id, issued_at)
+    repo.add_session(
+        AdminSession(
+            id=sessions.session_id(nonce),
+            user_id=user.id,
+            created_at=issued_at,
+            expires_at=issued_at + lifetime,
+            last_seen_at=issued_at,
+        )
+    )
+    session.flush()
+
+
+def end_session(session: Session, user_id: str, tenant_id: str | None, nonce: str) -> None:
+    """Logout: this session's row is revoked, so its cookie is refused on every replica."""
+    AdminRepository(session, None).revoke_sessions(
+        now_ts(), "logout", session_id=sessions.session_id(nonce)
+    )
+    audit(session, f"user:{user_id}", tenant_id, "user.logout", ("user", user_id))
+
+
+# --- users, as managed by a tenant admin or a platform admin ---------------------------------
+
+
+def _require_manager(manager: Manager) -> None:
+    if RANK.get(manager.role, -1) < RANK["tenant-admin"]:
+        raise PermissionDenied("Members cannot manage users; ask a tenant admin.")
+
+
+def _may_give(manager: Manager, role: str) -> None:
+    _require_manager(manager)
+    if role not in RANK:
+        raise BadRequest(f"The role must be one of {', '.join(ROLES)}.", param="role")
+    if RANK[role] > RANK.get(manager.role, -1):
+        raise PermissionDenied(f"A {manager.role} cannot give the role {role}.")
+
+
+def managed_user(session: Session, manager: Manager, user_id: str) -> User:
+    """A user the manager may change: another tenant's user is not found (404), and nobody
+    manages someone of a higher role."""
+    _require_manager(manager)
+    user = AdminRepository(session, manager.tenant_id).visible_user(user_id, for_update=True)
+    if user is None:
+        raise NotFound(f"No user {user_id}.")
+    if RANK.get(user.role, 99) > RANK.get(manager.role, -1):
+        raise PermissionDenied(f"A {manager.role} cannot manage a {user.role}.")
+    return user
+
+
+def create_user_as(
+    session: Session,
+    manager: Manager,
+    email: str,
+    password: str,
+    role: str,
+    tenant_id: str | None,
+) -> User:
+    """Create a user on behalf of ``manager``: a tenant admin only in their own tenant, and
+    only with a role no higher than theirs."""
+    _may_give(manager, role)
+    if role == "platform-admin":
+        tenant_id = None
+    else:
+        tenant_id = tenant_id or manager.tenant_id
+        if not tenant_id:
+            raise UserError(f"a {role} belongs to a tenant: choose one")
+        if AdminRepository(session, manager.tenant_id).tenant(tenant_id) is None:
+            raise NotFound(f"No tenant {tenant_id}.")
+    return create_user(session, email, password, role, tenant_id, actor=manager.actor)
+
+
+def set_user_disabled(session: Session, manager: Manager, user_id: str, disabled: bool) -> User:
+    """Disable a user (their sessions end, their logins are refused) or enable them again."""
+    user = managed_user(session, manager, user_id)
+    if disabled and user.id == manager.user_id:
+        raise BadRequest("You cannot disable your own account.")
+    now = now_ts()
+    if disabled and user.disabled_at is None:
+        user.disabled_at = now
+        ended = AdminRepository(session, None).revoke_sessions(now, "disabled", user_id=user.id)
+        audit(
+            session,
+            manager.actor,
+            user.tenant_id,
+            "user.disable",
+            ("user", user.id),
+            {"sessions_ended": ended},
+        )
+    elif not disabled and user.disabled_at is not None:
+        user.disabled_at = None
+        audit(session, manager.actor, user.tenant_id, "user.enable", ("user", user.id))
+    session.flush()
+    return user
+
+
+def reset_password(session: Session, manager: Manager, user_id: str, password: str) -> User:
+    """Set a new password; every session of the user ends."""
+    user = managed_user(session, manager, user_id)
+    _check_password(password)
+    user.password_hash = sessions.hash_password(password)
+    ended = AdminRepository(session, None).revoke_sessions(
+        now_ts(), "password_reset", user_id=user.id
+    )
+    audit(
+        session,
+        manager.actor,
+        user.tenant_id,
+        "user.reset_password",
+        ("user", user.id),
+        {"sessions_ended": ended},
+    )
+    session.flush()
+    return user
+
+
+def end_sessions(session: Session, manager: Manager, user_id: str) -> int:
+    """Log a user out everywhere (the password stays); returns how many sessions ended."""
+    user = managed_user(session, manager, user_id)
+    ended = AdminRepository(session, None).revoke_sessions(now_ts(), "ended", user_id=user.id)
+    audit(
+        session,
+        manager.actor,
+        user.tenant_id,
+        "user.end_sessions",
+        ("user", user.id),
+        {"sessions_ended": ended},
+    )
+    return ended
+
+
+def change_role(session: Session, manager: Manager, user_id: str, role: str) -> User:
+    """Switch a tenant's user between tenant admin and member (never above the manager's
+    role; platform admins are made with ``create-user``, not promoted)."""
+    _may_give(manager, role)
+    user = managed_user(session, manager, user_id)
+    if user.id == manager.user_id:
+        raise BadRequest("You cannot change your own role.")
+    if user.tenant_id is None or role not in TENANT_ROLES:
+        raise BadRequest(
+            f"Only a tenant's users change roles, to one of {', '.join(TENANT_ROLES)}."
+        )
+    if user.role != role:
+        audit(
+            session,
+            manager.actor,
+            user.tenant_id,
+            "user.change_role",
+            ("user", user.id),
+            {"from": user.role, "to": role},
+        )
+        user.role = role
+    session.flush()
+    return user

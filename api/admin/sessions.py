@@ -1,11 +1,13 @@
-"""Dashboard sessions, CSRF tokens and the login throttle (no database table of their own).
+"""Dashboard session cookies, CSRF tokens and the login throttle.
 
 A session is a cookie ``USER_ID.ISSUED_AT.NONCE.SIGNATURE``. The signature is an HMAC, under a
 key derived from the server secret, over the first three parts and a fingerprint of the user's
 password hash, so a password change ends every session of that user. Each request checks the
-signature, the age, the user row (not disabled, tenant not disabled) and the logout denylist.
+signature and the age first, then the user row (not disabled, tenant not disabled) and the
+session's row in ``admin_sessions`` (found by :func:`session_id` of the nonce; not revoked, not
+expired), which is what lets logout end a session on every replica.
 CSRF tokens are an HMAC of the session nonce (the login form: of a random pre-login cookie).
-See docs/adr/0010-admin-dashboard.md for why, and for what the in-process parts cannot do.
+See docs/adr/0010-admin-dashboard.md for why.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def new_nonce() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def session_id(nonce: str) -> str:
+    """The ``admin_sessions`` key of a session: the table never holds the nonce itself."""
+    return hashlib.sha256(nonce.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class SessionClaims:
     user_id: str
@@ -70,9 +81,11 @@ class SessionSigner:
         message = f"{payload}.{self._credential(password_hash)}".encode()
         return _b64(hmac.new(self._session_key, message, hashlib.sha256).digest())
 
-    def issue(self, user_id: str, password_hash: str, now: int | None = None) -> str:
+    def issue(
+        self, user_id: str, password_hash: str, now: int | None = None, nonce: str | None = None
+    ) -> str:
         issued = int(time.time()) if now is None else now
-        payload = f"{user_id}.{issued}.{secrets.token_urlsafe(18)}"
+        payload = f"{user_id}.{issued}.{nonce or new_nonce()}"
         return f"{payload}.{self._sign(payload, password_hash)}"
 
     def parse(self, cookie: str, now: int | None = None) -> SessionClaims | None:
@@ -102,25 +115,6 @@ class SessionSigner:
         if not binding or not presented:
             return False
         return hmac.compare_digest(presented, self.csrf_token(binding))
-
-
-class LogoutDenylist:
-    """Nonces of sessions that logged out, kept until their cookie would have expired."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, nonce: str, until: float) -> None:
-        with self._lock:
-            now = time.time()
-            if len(self._until) > 1000:
-                self._until = {n: t for n, t in self._until.items() if t > now}
-            self._until[nonce] = until
-
-    def __contains__(self, nonce: object) -> bool:
-        until = self._until.get(str(nonce))
-        return until is not None and until > time.time()
 
 
 class LoginThrottle:

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from api.admin.sessions import LoginThrottle, LogoutDenylist, SessionSigner
+from api.admin.sessions import LoginThrottle, SessionSigner
 from api.admin.settings import AdminSettings
 from api.errors import AppError
 from api.services import Services
@@ -82,7 +82,6 @@ class AdminState:
 
     settings: AdminSettings
     signer: SessionSigner
-    denylist: LogoutDenylist
     throttle: LoginThrottle
     templates: Environment
 
@@ -97,7 +96,6 @@ async def admin_lifespan(app: FastAPI) -> AsyncIterator[None]:
         signer=SessionSigner(
             services.settings.secret_key, int(settings.admin_session_hours * 3600)
         ),
-        denylist=LogoutDenylist(),
         throttle=LoginThrottle(settings.admin_login_attempts, settings.admin_login_window_seconds),
         templates=make_templates(),
     )

@@ -49,7 +49,10 @@ def slugify(name: str) -> str:
     return slug if len(slug) >= 3 else (slug + "-org")[:40]
 
 
-def create_tenant(session: Session, name: str, slug: str | None = None) -> Tenant:
+def create_tenant(
+    session: Session, name: str, slug: str | None = None, *, actor: str = "cli"
+) -> Tenant:
+    """Create a tenant; ``actor`` is who the audit log names (the CLI, or a dashboard user)."""
     name = name.strip()
     if not name or len(name) > 200:
         raise TenancyError("tenant name must be 1-200 characters")
@@ -63,7 +66,7 @@ def create_tenant(session: Session, name: str, slug: str | None = None) -> Tenan
     session.add(
         AuditLogEntry(
             tenant_id=tenant.id,
-            actor="cli",
+            actor=actor,
             action="tenant.create",
             target_type="tenant",
             target_id=tenant.id,

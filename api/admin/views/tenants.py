@@ -1,4 +1,4 @@
-"""Tenants (create, quotas, disable), their users and their API keys."""
+"""Tenants (create, quotas, disable), their users (managed on the users page) and API keys."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from api.admin.web import admin_router, redirect, render
 from api.deps import ServicesDep, SessionDep
 from api.errors import BadRequest, NotFound
 from api.tenancy import keys
-from api.tenancy.service import TenancyError, create_api_key, revoke_api_key
+from api.tenancy.service import TenancyError, create_api_key, create_tenant, revoke_api_key
 from models_db.models import Tenant
 
 router = admin_router()
@@ -25,7 +25,6 @@ NOTICES = {
     "disabled": "Tenant disabled: its API keys stop working and its users cannot log in.",
     "enabled": "Tenant enabled.",
     "revoked": "API key revoked.",
-    "user": "User created.",
 }
 
 
@@ -50,7 +49,7 @@ def tenants(request: Request, viewer: ViewerDep, session: SessionDep) -> HTMLRes
 
 
 @router.post("/tenants", response_model=None)
-def create_tenant(
+def new_tenant(
     request: Request,
     viewer: PlatformDep,
     session: SessionDep,
@@ -59,7 +58,7 @@ def create_tenant(
 ) -> HTMLResponse | RedirectResponse:
     """Create a tenant."""
     try:
-        tenant = service.create_tenant_as(session, viewer.actor, name, slug.strip() or None)
+        tenant = create_tenant(session, name, slug.strip() or None, actor=viewer.actor)
     except TenancyError as exc:
         return render(
             request,
@@ -189,24 +188,3 @@ def revoke_key(
     if not revoke_api_key(session, principal.tenant_id, key_id, principal.actor):
         raise NotFound(f"No active API key {key_id}.")
     return redirect(f"/admin/tenants/{tenant_id}?notice=revoked")
-
-
-@router.post("/tenants/{tenant_id}/users", response_model=None)
-def create_user(
-    request: Request,
-    tenant_id: str,
-    viewer: WriterDep,
-    session: SessionDep,
-    email: Annotated[str, Form(max_length=320)],
-    password: Annotated[str, Form(max_length=1000)],
-    role: Annotated[str, Form(max_length=20)],
-) -> HTMLResponse | RedirectResponse:
-    """Add a tenant admin or a member to a tenant (platform admins come from the CLI)."""
-    tenant = _tenant(session, viewer, tenant_id)
-    if role == "platform-admin":
-        raise BadRequest("Platform admins are created with `loraplex admin create-user`.")
-    try:
-        service.create_user(session, email, password, role, tenant.id, actor=viewer.actor)
-    except service.UserError as exc:
-        return _tenant_page(request, session, viewer, tenant, error=str(exc), status_code=400)
-    return redirect(f"/admin/tenants/{tenant_id}?notice=user")

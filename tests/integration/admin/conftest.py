@@ -6,15 +6,17 @@ Screenshots of every page go to artifacts/admin/ (ignored by git) for review.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import TEST_SECRET, RunningApi, TenantCreds
+from tests.conftest import TEST_SECRET, RunningApi, TenantCreds, free_port, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -32,7 +34,11 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(scope="package")
 def browser():  # type: ignore[no-untyped-def]
     if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+        message = "Debian's chromium is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            # In CI a missing browser is a broken image, not a reason to pass quietly.
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -45,11 +51,12 @@ def browser():  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def new_page(browser, api_server: RunningApi):  # type: ignore[no-untyped-def]
-    """Factory of pages, each in a fresh browser context (its own cookies)."""
+    """Factory of pages, each in a fresh browser context (its own cookies); ``base_url``: of
+    another API replica than the session's."""
     contexts = []
 
-    def factory():  # type: ignore[no-untyped-def]
-        context = browser.new_context(base_url=api_server.base_url)
+    def factory(base_url: str | None = None):  # type: ignore[no-untyped-def]
+        context = browser.new_context(base_url=base_url or api_server.base_url)
         context.set_default_timeout(10_000)
         contexts.append(context)
         return context.new_page()
@@ -57,6 +64,41 @@ def new_page(browser, api_server: RunningApi):  # type: ignore[no-untyped-def]
     yield factory
     for context in contexts:
         context.close()
+
+
+@pytest.fixture
+def start_api(api_server: RunningApi, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Start another API replica on the same database (what a second pod or a restart is):
+    ``start_api(**env)`` sets ``LORAPLEX_*`` variables while it starts (the dashboard reads
+    them then) and returns its base URL. Stopped at the end of the test."""
+    from api.app import create_app
+
+    running = []
+
+    def start(**env: str) -> str:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = api_server.settings.model_copy(update={"dispatcher_enabled": False})  # type: ignore[attr-defined]
+        port = free_port()
+        running.append(start_server(create_app(settings), port))
+        for name in env:
+            monkeypatch.delenv(name)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(10)
+
+
+def cookie_of(page) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return next(c for c in page.context.cookies() if c["name"] == "lpx_admin_session")
+
+
+def get_with_cookie(base_url: str, path: str, cookie: dict) -> httpx.Response:  # type: ignore[type-arg]
+    """A request from another client holding a copy of the cookie (no redirects followed)."""
+    with httpx.Client(base_url=base_url, cookies={cookie["name"]: cookie["value"]}) as client:
+        return client.get(path, follow_redirects=False)
 
 
 def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -89,6 +131,18 @@ class Seeder:
         with self._tx() as session:
             create_user(session, email, PASSWORD, role, tenant_id)
         return email
+
+    def user_row(self, email: str):  # type: ignore[no-untyped-def]
+        """The users row of ``email`` (None when there is none)."""
+        from api.admin.repository import AdminRepository
+
+        with self._tx() as session:
+            return AdminRepository(session, None).user_by_email(email)
+
+    def user_id(self, email: str) -> str:
+        row = self.user_row(email)
+        assert row is not None, email
+        return str(row.id)
 
     def running_job(self, tenant_id: str) -> str:
         from common import ids

@@ -8,7 +8,14 @@ import re
 from playwright.sync_api import expect
 
 from tests.conftest import TenantCreds
-from tests.integration.admin.conftest import PASSWORD, Seeder, login, shot
+from tests.integration.admin.conftest import (
+    PASSWORD,
+    Seeder,
+    cookie_of,
+    get_with_cookie,
+    login,
+    shot,
+)
 
 
 def test_form_without_valid_csrf_token_is_refused(new_page, seed: Seeder) -> None:  # type: ignore[no-untyped-def]
@@ -78,26 +85,39 @@ def test_member_is_read_only(new_page, seed: Seeder, tenant: TenantCreds) -> Non
     assert seed.job(job_id).cancel_requested_at is None
 
 
-def test_logout_ends_the_session(new_page, browser, seed: Seeder, api_server) -> None:  # type: ignore[no-untyped-def]
+def test_logout_ends_the_session_on_every_replica(  # type: ignore[no-untyped-def]
+    new_page, seed: Seeder, api_server, start_api
+) -> None:
+    other_replica = start_api()
     page = new_page()
     login(page, seed.user("platform-admin"))
     expect(page.locator("h1")).to_have_text("Overview")
-    cookies = page.context.cookies()
-    session_cookie = next(c for c in cookies if c["name"] == "lpx_admin_session")
+    session_cookie = cookie_of(page)
     assert session_cookie["httpOnly"] and session_cookie["sameSite"] == "Lax"
+    # A copy of the cookie works from another client, on this replica and on another one.
+    for base in (api_server.base_url, other_replica):
+        assert get_with_cookie(base, "/admin/jobs", session_cookie).status_code == 200
 
     page.click("#logout")
     expect(page).to_have_url(re.compile(r"/admin/login$"))
     page.goto("/admin/jobs")
     expect(page).to_have_url(re.compile(r"/admin/login\?next="))
+    shot(page, "logged-out")
 
-    # The old cookie, replayed from elsewhere, is refused too.
+    # The copy, replayed after logout, is refused by the server itself: on the replica that
+    # served the logout, on another one, and on one started afterwards (a restart).
+    for base in (api_server.base_url, other_replica, start_api()):
+        replayed = get_with_cookie(base, "/admin/jobs", session_cookie)
+        assert replayed.status_code == 303
+        assert replayed.headers["location"].startswith("/admin/login?next=")
+        assert (
+            get_with_cookie(base, "/admin/jobs/ftjob-x/live.json", session_cookie).status_code
+            == 401
+        )
     replay = new_page()
     replay.context.add_cookies([session_cookie])
     replay.goto("/admin")
     expect(replay).to_have_url(re.compile(r"/admin/login"))
-    live = replay.request.get("/admin/jobs/ftjob-x/live.json")
-    assert live.status == 401
 
 
 def test_login_is_throttled(new_page, seed: Seeder) -> None:  # type: ignore[no-untyped-def]
