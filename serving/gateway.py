@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from api.errors import error_body
 from api.tenancy import keys
@@ -41,6 +41,7 @@ from serving.errors import GatewayError, bad_request, model_not_found, unavailab
 from serving.ratelimit import Limits, RateLimiter, retry_after_header
 from serving.replicas import NoReplica, Replica, ReplicaPool
 from serving.settings import GatewaySettings
+from serving.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from serving.usage import UsageMeter
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Gateway:
         self,
         settings: GatewaySettings,
         session_factory: sessionmaker[Session],
-        client: httpx.AsyncClient,
+        upstream: UpstreamPool,
         pool: ReplicaPool,
         cache: AdapterCache,
         placer: AdapterPlacer,
@@ -85,7 +86,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
-        self.client = client
+        self.upstream = upstream
         self.pool = pool
         self.cache = cache
         self.placer = placer
@@ -100,7 +101,6 @@ class Gateway:
             settings.model_cache_seconds, 2 * settings.model_cache_seconds
         )
         self.limits: RefreshingCache[Limits] = RefreshingCache(5.0, 60.0)
-        self._background: set[asyncio.Task[None]] = set()
         self.upstream_headers = {"content-type": "application/json"}
         if settings.vllm_api_key:
             self.upstream_headers["authorization"] = f"Bearer {settings.vllm_api_key}"
@@ -300,17 +300,11 @@ class Gateway:
             release = self._hold(replica, call.model.name)
             try:
                 started = time.perf_counter()
-                upstream = await self.client.send(
-                    self.client.build_request(
-                        "POST",
-                        f"{replica.url}/v1/{call.endpoint}",
-                        content=call.body,
-                        headers=self.upstream_headers,
-                    ),
-                    stream=True,
+                upstream = await self.upstream.post(
+                    f"{replica.url}/v1/{call.endpoint}", call.body, self.upstream_headers
                 )
                 UPSTREAM_SECONDS.observe(time.perf_counter() - started)
-            except httpx.TransportError as exc:
+            except UpstreamError as exc:
                 release()
                 replica.mark_failed(f"{type(exc).__name__}: {exc}")
                 log.warning("replica %s failed (%s); trying another", replica.url, exc)
@@ -374,12 +368,12 @@ class Gateway:
     async def _respond(
         self,
         call: Call,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         release: Callable[[], None],
         *,
         metered: bool = True,
     ) -> Response:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers = {k: v for k, v in upstream.headers if k.lower() not in _HOP_HEADERS}
         REQUESTS.labels(call.endpoint, str(upstream.status_code)).inc()
         if not call.stream or upstream.status_code != 200:
             try:
@@ -393,18 +387,9 @@ class Gateway:
                 self._count(call, _usage_of(content))
             return Response(content, status_code=upstream.status_code, headers=headers)
 
-        async def finish() -> None:
-            await upstream.aclose()
-            release()
+        return RelayResponse(headers, self._relay(call, upstream), upstream, release)
 
-        return StreamingResponse(
-            self._relay(call, upstream),
-            status_code=200,
-            headers=headers,
-            background=BackgroundTask(finish),
-        )
-
-    async def _relay(self, call: Call, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(self, call: Call, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
         """Pass SSE events through; take usage from the final chunk (dropped if we added it)."""
         pending = b""
         usage: dict[str, Any] | None = None
@@ -434,12 +419,57 @@ class Gateway:
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
         self.meter.add(call.principal.tenant_id, call.model.name, prompt, completion)
-        charge = self.limiter.charge_tokens(
-            call.principal.tenant_id, call.limits, prompt + completion
-        )
-        task = asyncio.get_running_loop().create_task(charge)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.limiter.charge_tokens(call.principal.tenant_id, call.limits, prompt + completion)
+
+
+class RelayResponse(Response):
+    """A streamed answer relayed from the replica to the caller as it arrives.
+
+    Instead of Starlette's StreamingResponse (an anyio task group and a second task per answer,
+    under uvicorn's ASGI 2.3, to notice a caller that left), one plain task waits for the
+    caller's disconnect and aborts the upstream answer, which ends the relay and makes vLLM stop
+    generating. ``release`` runs when the answer is over, however it ends.
+    """
+
+    def __init__(
+        self,
+        headers: dict[str, str],
+        chunks: AsyncIterator[bytes],
+        upstream: UpstreamResponse,
+        release: Callable[[], None],
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+        self._chunks = chunks
+        self._upstream = upstream
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.get_running_loop().create_task(_until_disconnect(receive))
+        watcher.add_done_callback(self._caller_left)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self._chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except UpstreamError:
+            if not (watcher.done() and not watcher.cancelled()):
+                raise  # the replica failed mid-answer: the caller sees the stream break
+        finally:
+            watcher.cancel()
+            await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+            await self._upstream.aclose()
+            self._release()
+
+    def _caller_left(self, watcher: asyncio.Task[None]) -> None:
+        if not watcher.cancelled():
+            self._upstream.abort("the caller went away")
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage_of(content: bytes) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ class Decision:
 class RateLimiter(Protocol):
     async def admit(self, tenant_id: str, limits: Limits) -> Decision: ...
 
-    async def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None: ...
+    def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None: ...
 
 
 def _refill(level: float, updated: float, now: float, capacity: float) -> float:
@@ -71,7 +71,7 @@ class LocalRateLimiter:
                 return Decision(False, -level * 60.0 / rpm, "requests per minute")
         return Decision(True)
 
-    async def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None:
+    def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None:
         with self._lock:
             self._take(
                 f"{tenant_id}:tok", float(limits.tokens_per_minute), tokens, time.monotonic()
@@ -121,8 +121,8 @@ class SyncedRateLimiter(LocalRateLimiter):
             self._used.setdefault(tenant_id, [0.0, 0.0])[0] += 1
         return decision
 
-    async def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None:
-        await super().charge_tokens(tenant_id, limits, tokens)
+    def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None:
+        super().charge_tokens(tenant_id, limits, tokens)
         self._limits[tenant_id] = limits
         self._used.setdefault(tenant_id, [0.0, 0.0])[1] += tokens
 

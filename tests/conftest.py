@@ -27,6 +27,13 @@ REDIS_URL = os.environ.get("LORAPLEX_TEST_REDIS", "redis://127.0.0.1:6379/13")
 TEST_SECRET = "test-secret-key-" + "x" * 24
 
 
+def sibling_redis_url(offset: int) -> str:
+    """Another database of the test Redis at a fixed offset from REDIS_URL's, so that a side run
+    with LORAPLEX_TEST_REDIS=…/9 shares (and flushes) nothing of a run on the default …/13."""
+    base, _, db = REDIS_URL.rpartition("/")
+    return f"{base}/{int(db) + offset}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

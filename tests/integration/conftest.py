@@ -21,7 +21,14 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import TEST_SECRET, RunningApi, TenantCreds, free_port, start_server
+from tests.conftest import (
+    TEST_SECRET,
+    RunningApi,
+    TenantCreds,
+    free_port,
+    sibling_redis_url,
+    start_server,
+)
 
 WORKER_ENV = {
     "LORAPLEX_LEASE_SECONDS": "6",
@@ -103,7 +110,7 @@ def training_stack(
     from models_db.session import make_engine, make_session_factory, transaction
 
     database_url = fresh_database_session
-    broker = redis_url.rsplit("/", 1)[0] + "/14"
+    broker = sibling_redis_url(1)
     redis.Redis.from_url(broker).flushdb()
     bucket = "loraplex-training"
     s3 = boto3.client("s3", endpoint_url=seaweedfs_s3.endpoint_url, region_name="us-east-1")

@@ -16,6 +16,7 @@ from common.jobs import DEFAULT_QUEUE, RUN_JOB_TASK, TRAIN_QUEUE, VALIDATE_JOB_T
 from common.outbox import dispatch_once
 from models_db.models import OutboxMessage
 from models_db.session import make_engine, make_session_factory, transaction
+from tests.conftest import sibling_redis_url
 
 # Runs the dispatcher in a child process that dies (os._exit) after publishing its batch, before
 # the rows are marked: the worst moment (every row will be published a second time).
@@ -43,7 +44,7 @@ def _messages(client: redis.Redis, queue: str) -> list[dict[str, object]]:
 def test_one_message_per_job_even_when_dispatcher_killed(fresh_database, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     # Its own database and Redis database: no other dispatcher may touch these rows.
     migrated_db = fresh_database(migrate=True)
-    url = redis_url.rsplit("/", 1)[0] + "/12"
+    url = sibling_redis_url(-1)
     client = redis.Redis.from_url(url)
     client.flushdb()
     engine = make_engine(migrated_db)

@@ -438,3 +438,44 @@ def test_adapter_lost_by_the_replica_is_reloaded_invisibly(
     response = httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": name})
     assert response.status_code == 200, response.text
     assert _chat(client, name, "hello", max_tokens=6) == first
+
+
+def _vllm_metric(url: str, name: str) -> float:
+    """Sum of one of vLLM's Prometheus metrics over its labels."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+
+def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
+    gateway: RunningGateway, vllm_server: Any, new_tenant: Callable[..., TenantCreds]
+) -> None:
+    tenant = new_tenant()
+    generated = _vllm_metric(vllm_server.url, "vllm:generation_tokens_total")
+    body = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {tenant.api_key}"}
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert next(response.iter_raw()).startswith(b"data: ")
+    # Leaving the block closed the connection mid-answer: the gateway aborts its upstream
+    # answer, vLLM stops generating long before the 900 tokens, and the replica's in-flight
+    # count goes back to zero.
+    wait_for(
+        lambda: _vllm_metric(vllm_server.url, "vllm:num_requests_running") == 0,
+        30,
+        "vLLM to stop generating",
+    )
+    assert _vllm_metric(vllm_server.url, "vllm:generation_tokens_total") - generated < 900
+    wait_for(
+        lambda: all(r.inflight == 0 for r in gateway.gateway.pool.replicas),
+        10,
+        "the replica's in-flight count to go back to zero",
+    )
+    assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)

@@ -20,7 +20,7 @@ async def _scenario(limiter: RateLimiter, tenant: str) -> None:
     # Another tenant has its own buckets.
     assert (await limiter.admit(tenant + "-other", limits)).allowed
     # Overdrawing tokens blocks admission until they refill.
-    await limiter.charge_tokens(tenant + "-t", limits, 150)
+    limiter.charge_tokens(tenant + "-t", limits, 150)
     blocked = await limiter.admit(tenant + "-t", limits)
     assert not blocked.allowed and blocked.reason == "tokens per minute"
     assert 25 <= blocked.retry_after <= 31  # 50 tokens short at 100/min
@@ -49,7 +49,7 @@ def test_two_gateway_processes_share_the_buckets_through_redis(redis_url: str) -
         try:
             for _ in range(3):
                 assert (await first.admit(tenant, limits)).allowed
-            await first.charge_tokens(tenant, limits, 1500)  # overdraws the shared tokens
+            first.charge_tokens(tenant, limits, 1500)  # overdraws the shared tokens
             await first.sync()
             # The other process learns the shared levels at its next sync.
             assert (await second.admit(tenant, limits)).allowed  # its copy was still full
@@ -70,7 +70,7 @@ def test_charging_nothing_changes_nothing(tokens: int) -> None:
     async def run() -> None:
         limiter = LocalRateLimiter()
         limits = Limits(10, 10)
-        await limiter.charge_tokens("t", limits, max(tokens, 0))
+        limiter.charge_tokens("t", limits, max(tokens, 0))
         assert (await limiter.admit("t", limits)).allowed
 
     asyncio.run(run())
