@@ -50,17 +50,10 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def _bearer_token(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header:
-        raise Unauthorized(
-            "You didn't provide an API key. Provide it in the Authorization header as "
-            "'Bearer YOUR_KEY'.",
-            code="missing_api_key",
-        )
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Malformed Authorization header; expected 'Bearer YOUR_KEY'.")
-    return token.strip()
+    try:
+        return keys.bearer_token(request.headers.get("authorization", ""))
+    except keys.BadAuthorization as exc:
+        raise Unauthorized(str(exc), code=exc.code) from None
 
 
 def _authenticate(services: Services, token: str) -> Principal | None:
@@ -86,8 +79,7 @@ def require_scope(*accepted: str) -> Callable[..., Awaitable[Principal]]:
             if principal is None:
                 principal = await run_in_threadpool(_authenticate, services, token)
         if principal is None:
-            shown = token[:8] + "…" if len(token) > 8 else "…"
-            raise Unauthorized(f"Incorrect API key provided: {shown}")
+            raise Unauthorized(keys.incorrect_key_message(token))
         if not principal.scopes.intersection(accepted):
             raise PermissionDenied(
                 "This API key does not have the scope needed for this request "

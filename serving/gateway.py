@@ -108,29 +108,16 @@ class Gateway:
     # ---- the caller -----------------------------------------------------------------------
 
     async def principal(self, request: Request, accepted: frozenset[str]) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if not header:
-            raise GatewayError(
-                401,
-                "You didn't provide an API key. Provide it in the Authorization header as "
-                "'Bearer YOUR_KEY'.",
-                code="missing_api_key",
-            )
-        if scheme.lower() != "bearer" or not token:
-            raise GatewayError(
-                401,
-                "Malformed Authorization header; expected 'Bearer YOUR_KEY'.",
-                code="invalid_api_key",
-            )
+        try:
+            token = keys.bearer_token(request.headers.get("authorization", ""))
+        except keys.BadAuthorization as exc:
+            raise GatewayError(401, str(exc), code=exc.code) from None
         found = None
         if keys.looks_like_key(token):
             key_hash = keys.hash_key(self.settings.secret_key, token)
             found = await self.auth_cache.get(key_hash, partial(self._authenticate, token))
         if found is None:
-            shown = token[:8] + "…" if len(token) > 8 else "…"
-            raise GatewayError(401, f"Incorrect API key provided: {shown}", code="invalid_api_key")
+            raise GatewayError(401, keys.incorrect_key_message(token), code="invalid_api_key")
         if not found.scopes & accepted:
             raise GatewayError(
                 403,

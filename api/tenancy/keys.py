@@ -23,3 +23,33 @@ def hash_key(secret_key: str, api_key: str) -> str:
 
 def looks_like_key(value: str) -> bool:
     return value.startswith(KEY_PREFIX) and 20 <= len(value) <= 100 and value.isascii()
+
+
+class BadAuthorization(ValueError):
+    """The Authorization header is missing or not ``Bearer KEY``; ``code`` is OpenAI's."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bearer_token(header: str) -> str:
+    """The key of an ``Authorization: Bearer KEY`` header (the API's and the gateway's rule)."""
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise BadAuthorization(
+            "You didn't provide an API key. Provide it in the Authorization header as "
+            "'Bearer YOUR_KEY'.",
+            "missing_api_key",
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise BadAuthorization(
+            "Malformed Authorization header; expected 'Bearer YOUR_KEY'.", "invalid_api_key"
+        )
+    return token.strip()
+
+
+def incorrect_key_message(token: str) -> str:
+    """What a caller with an unknown key is told: never more of the key than its start."""
+    shown = token[:8] + "…" if len(token) > 8 else "…"
+    return f"Incorrect API key provided: {shown}"
