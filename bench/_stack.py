@@ -254,95 +254,29 @@ def tempfile_dir() -> str:
     return tempfile.mkdtemp(prefix="loraplex-bench-gw-")
 
 
-def random_adapter(out_dir: Path, base_model_dir: Path, seed: int, rank: int = 8) -> Path:
+def random_adapter(out_dir: Path, base_model_dir: Path, seed: int) -> Path:
     """A peft LoRA adapter (safetensors) with random but seed-fixed weights on every linear
-    layer of the tiny Llama; lora_B is nonzero, so it changes the outputs like a trained one.
-    (A minimal copy of tests/serving_helpers.make_random_adapter.)"""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    layer of the tiny Llama; lora_B is nonzero, so it changes the outputs like a trained one."""
+    from tests.serving_helpers import make_random_adapter
 
-    config = AutoConfig.from_pretrained(str(base_model_dir))
-    torch.manual_seed(seed)
-    auto: Any = AutoModelForCausalLM
-    model = auto.from_config(config, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=rank,
-            lora_alpha=2 * rank,
-            lora_dropout=0.0,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(peft_model.named_parameters()):
-            if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
+    return make_random_adapter(out_dir, seed=seed, base_model_dir=base_model_dir)
 
 
 def publish_adapter(s: Stack, adapter_dir: Path) -> str:
-    """Publish a peft adapter folder as the tenant's fine-tuned model, the way a worker does:
-    files and manifest to object storage, then a succeeded job and the model row. Returns the
-    model id (``ft:tiny-llama:…``). A copy of tests/integration/serving/conftest.py's helper."""
-    from common import ids
+    """Publish a peft adapter folder as the tenant's fine-tuned model, the way a worker does
+    (the serving tests' helper). Returns the model id (``ft:tiny-llama:…``)."""
     from common.storage import storage_from_url
-    from models_db.models import File, FineTunedModel, FineTuningJob
-    from models_db.session import transaction
-    from workers.jobs.artifacts import upload_folder
+    from tests.serving_helpers import publish_adapter_folder
 
-    storage = storage_from_url(s.storage_url, base_dir=str(s.work))
-    job_id = ids.new_id(ids.JOB)
-    name = f"ft:{BASE_MODEL}:{s.tenant_slug}:bench:{ids.short_id(8)}"
-    prefix = f"tenants/{s.tenant_id}/models/{job_id}"
-    _manifest, digest = upload_folder(
-        storage, adapter_dir, prefix, {"fine_tuned_model": name, "base_model": BASE_MODEL}
+    name, prefix, digest = publish_adapter_folder(
+        storage_from_url(s.storage_url, base_dir=str(s.work)),
+        s.factory,
+        tenant_id=s.tenant_id,
+        tenant_slug=s.tenant_slug,
+        adapter_dir=adapter_dir,
+        base_model=BASE_MODEL,
+        suffix="bench",
     )
-    with transaction(s.factory) as session:
-        file = File(
-            id=ids.new_id(ids.FILE),
-            tenant_id=s.tenant_id,
-            filename="train.jsonl",
-            purpose="fine-tune",
-            bytes=1,
-            status="processed",
-            storage_key=f"tenants/{s.tenant_id}/files/x",
-            sha256="0" * 64,
-            format="openai-chat",
-            examples=10,
-        )
-        session.add(file)
-        session.flush()
-        session.add(
-            FineTuningJob(
-                id=job_id,
-                tenant_id=s.tenant_id,
-                base_model_id=BASE_MODEL,
-                training_file_id=file.id,
-                seed=0,
-                method={"type": "supervised"},
-                status="succeeded",
-                fine_tuned_model=name,
-            )
-        )
-        session.flush()
-        session.add(
-            FineTunedModel(
-                id=name,
-                tenant_id=s.tenant_id,
-                job_id=job_id,
-                base_model_id=BASE_MODEL,
-                storage_prefix=prefix,
-                manifest_sha256=digest,
-                lora_rank=8,
-            )
-        )
     s.adapters.append(name)
     s.published[name] = (prefix, digest)
     return name

@@ -170,3 +170,72 @@ def hf_greedy(
     """
     reference = _cached_reference(_version(base_model_dir), _version(adapter_dir))
     return reference.generate(messages, max_new_tokens)
+
+
+def publish_adapter_folder(
+    storage: Any,
+    session_factory: Any,
+    *,
+    tenant_id: str,
+    tenant_slug: str,
+    adapter_dir: Path,
+    base_model: str = "tiny-llama",
+    suffix: str = "t",
+) -> tuple[str, str, str]:
+    """Publish a peft adapter folder as the tenant's fine-tuned model, the way a worker does:
+    files and manifest to ``storage``, then a succeeded job and the model row. Returns the model
+    id (``ft:{base}:{slug}:{suffix}:…``), its storage prefix and the manifest's sha256.
+
+    Shared by the serving tests and bench/_stack.py (which runs the same setup outside pytest).
+    """
+    from common import ids
+    from models_db.models import File, FineTunedModel, FineTuningJob
+    from models_db.session import transaction
+    from workers.jobs.artifacts import upload_folder
+
+    job_id = ids.new_id(ids.JOB)
+    name = f"ft:{base_model}:{tenant_slug}:{suffix}:{ids.short_id(8)}"
+    prefix = f"tenants/{tenant_id}/models/{job_id}"
+    _manifest, digest = upload_folder(
+        storage, adapter_dir, prefix, {"fine_tuned_model": name, "base_model": base_model}
+    )
+    with transaction(session_factory) as session:
+        file = File(
+            id=ids.new_id(ids.FILE),
+            tenant_id=tenant_id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            bytes=1,
+            status="processed",
+            storage_key=f"tenants/{tenant_id}/files/x",
+            sha256="0" * 64,
+            format="openai-chat",
+            examples=10,
+        )
+        session.add(file)
+        session.flush()
+        session.add(
+            FineTuningJob(
+                id=job_id,
+                tenant_id=tenant_id,
+                base_model_id=base_model,
+                training_file_id=file.id,
+                seed=0,
+                method={"type": "supervised"},
+                status="succeeded",
+                fine_tuned_model=name,
+            )
+        )
+        session.flush()
+        session.add(
+            FineTunedModel(
+                id=name,
+                tenant_id=tenant_id,
+                job_id=job_id,
+                base_model_id=base_model,
+                storage_prefix=prefix,
+                manifest_sha256=digest,
+                lora_rank=8,
+            )
+        )
+    return name, prefix, digest

@@ -105,63 +105,20 @@ def new_tenant(training_stack: TrainingStack) -> Callable[..., TenantCreds]:
 
 
 def publish_adapter(stack: TrainingStack, tenant: TenantCreds, adapter_dir: Path) -> str:
-    """Publish a peft adapter folder as ``tenant``'s fine-tuned model, the way a worker does:
-    files and manifest to object storage, then a succeeded job and the model row."""
-    from common import ids
+    """Publish a peft adapter folder as ``tenant``'s fine-tuned model, the way a worker does."""
     from common.storage import storage_from_url
-    from models_db.models import File, FineTunedModel, FineTuningJob
-    from models_db.session import transaction
-    from workers.jobs.artifacts import upload_folder
+    from tests.serving_helpers import publish_adapter_folder
 
     storage = storage_from_url(
         stack.env["LORAPLEX_STORAGE_URL"], s3_endpoint_url=stack.endpoint_url, base_dir="."
     )
-    job_id = ids.new_id(ids.JOB)
-    name = f"ft:tiny-llama:{tenant.slug}:t:{ids.short_id(8)}"
-    prefix = f"tenants/{tenant.tenant_id}/models/{job_id}"
-    _manifest, digest = upload_folder(
-        storage, adapter_dir, prefix, {"fine_tuned_model": name, "base_model": "tiny-llama"}
+    name, _prefix, _digest = publish_adapter_folder(
+        storage,
+        stack.api.session_factory,
+        tenant_id=tenant.tenant_id,
+        tenant_slug=tenant.slug,
+        adapter_dir=adapter_dir,
     )
-    factory: sessionmaker[Session] = stack.api.session_factory  # type: ignore[assignment]
-    with transaction(factory) as session:
-        file = File(
-            id=ids.new_id(ids.FILE),
-            tenant_id=tenant.tenant_id,
-            filename="train.jsonl",
-            purpose="fine-tune",
-            bytes=1,
-            status="processed",
-            storage_key=f"tenants/{tenant.tenant_id}/files/x",
-            sha256="0" * 64,
-            format="openai-chat",
-            examples=10,
-        )
-        session.add(file)
-        session.flush()
-        session.add(
-            FineTuningJob(
-                id=job_id,
-                tenant_id=tenant.tenant_id,
-                base_model_id="tiny-llama",
-                training_file_id=file.id,
-                seed=0,
-                method={"type": "supervised"},
-                status="succeeded",
-                fine_tuned_model=name,
-            )
-        )
-        session.flush()
-        session.add(
-            FineTunedModel(
-                id=name,
-                tenant_id=tenant.tenant_id,
-                job_id=job_id,
-                base_model_id="tiny-llama",
-                storage_prefix=prefix,
-                manifest_sha256=digest,
-                lora_rank=8,
-            )
-        )
     return name
 
 
