@@ -16,8 +16,10 @@ Measured on the development machine (2 cores of an AMD EPYC with avx512_bf16, to
 
 On CPU the weights therefore stay float32 and only the matmuls run in bf16 (autocast): as fast,
 and every other op keeps float32. On CUDA the weights load in bf16 (memory).
-The adapter's own weights are float32 in every case (peft keeps them there), so optimizer updates
-are exact and the saved adapter is float32.
+The adapter's own weights are float32 for LoRA on full-precision weights (peft keeps them
+there), so optimizer updates are exact and the saved adapter is float32. With QLoRA (4-bit base
+weights, CUDA only) trl casts the adapter to bf16 for training, so that adapter is saved in bf16;
+vLLM loads either.
 
 Attention: FlashAttention-2 on CUDA when flash-attn is installed and the dtype is bf16;
 otherwise ``sdpa_varlen`` for packed SFT (attention.py) and SDPA for padded batches and DPO.
