@@ -209,6 +209,24 @@ class GatewayApp:
         await response(scope, receive, send)
 
 
+async def _watch_revocations(gateway: Gateway, interval: float) -> None:
+    """Forget API keys revoked (or of tenants disabled) through the API, every ``interval``:
+    one query for all keys, instead of reloading each cached key that often."""
+    since = now_ts() - 60
+    while True:
+        try:
+            started = now_ts()
+            for key_hash in await to_thread.run_sync(gateway.catalog.revoked_keys_since, since):
+                gateway.auth_cache.forget(key_hash)
+            gateway.auth_cache.watched(valid_for=2 * interval)
+            # Overlap: a key whose load was in flight while it was revoked is forgotten again at
+            # the next polls; timestamps are whole seconds written by other hosts' clocks.
+            since = started - 60
+        except Exception:
+            log.exception("looking for revoked keys failed")
+        await asyncio.sleep(interval)
+
+
 def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
     resolved = settings or GatewaySettings()
 
@@ -253,6 +271,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
             asyncio.create_task(pool.run_health_checks(resolved.health_interval_seconds)),
             asyncio.create_task(meter.run(resolved.usage_flush_seconds)),
             asyncio.create_task(_watch_retired(gateway, resolved.retired_poll_seconds)),
+            asyncio.create_task(_watch_revocations(gateway, resolved.auth_cache_seconds)),
         ]
         if isinstance(limiter, SyncedRateLimiter):
             loops.append(asyncio.create_task(limiter.run()))

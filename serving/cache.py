@@ -5,12 +5,19 @@ An entry younger than ``ttl`` is used as it is. An entry older than that but you
 too-old entry makes the request wait for the load (single flight: concurrent requests for the
 same key share one load). ``max_stale`` is therefore the bound on how long a change (a revoked
 key, a deleted model) can go unnoticed; "not found" answers are remembered too.
+
+A cache can also be *watched*: a loop that polls for changes forgets the keys that changed and
+then calls ``watched()``. While those reports keep coming, found entries are trusted for
+``watched_ttl`` instead of ``ttl`` (one poll for every key instead of one reload per key per
+``ttl``); when they stop, the short bounds apply again. "Not found" answers always keep the short
+bounds, since nothing reports that something started to exist.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -23,21 +30,39 @@ T = TypeVar("T")
 
 
 class RefreshingCache(Generic[T]):
-    def __init__(self, ttl: float, max_stale: float, max_entries: int = 50_000) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_stale: float,
+        max_entries: int = 50_000,
+        *,
+        watched_ttl: float | None = None,
+    ) -> None:
         self.ttl = ttl
         self.max_stale = max(max_stale, ttl)
+        self.watched_ttl = watched_ttl
+        self._watched_until = -math.inf
         self._max = max_entries
         self._entries: dict[Hashable, tuple[float, T | None]] = {}
         self._loading: dict[Hashable, asyncio.Future[T | None]] = {}
+
+    def watched(self, valid_for: float) -> None:
+        """The watcher has forgotten every key changed up to now; trust found entries for
+        ``watched_ttl`` until ``valid_for`` seconds from now (unless it reports again)."""
+        self._watched_until = time.monotonic() + valid_for
 
     async def get(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
         """The value for ``key``; ``load`` is a blocking function run in a thread."""
         entry = self._entries.get(key)
         if entry is not None:
-            age = time.monotonic() - entry[0]
-            if age < self.ttl:
+            now = time.monotonic()
+            age = now - entry[0]
+            ttl, max_stale = self.ttl, self.max_stale
+            if self.watched_ttl and entry[1] is not None and now < self._watched_until:
+                ttl, max_stale = self.watched_ttl, 2 * self.watched_ttl
+            if age < ttl:
                 return entry[1]
-            if age < self.max_stale:
+            if age < max_stale:
                 if key not in self._loading:
                     self._start(key, load).add_done_callback(_quiet)
                 return entry[1]

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.catalog.repository import BaseModelRepository, FineTunedModelRepository
-from models_db.models import FineTunedModel, Tenant
+from models_db.models import ApiKey, FineTunedModel, Tenant
 from serving.adapters import AdapterRef
 from serving.ratelimit import Limits
 
@@ -69,3 +69,15 @@ class ModelCatalog:
                 )
             ).all()
         return [(name, tenant) for name, tenant in rows]
+
+    def revoked_keys_since(self, since: int) -> list[str]:
+        """Blocking. Hashes of the API keys revoked, or whose tenant was disabled, at or after
+        ``since``."""
+        revoked = select(ApiKey.key_hash).where(ApiKey.revoked_at >= since)
+        disabled = (
+            select(ApiKey.key_hash)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(Tenant.disabled_at >= since)
+        )
+        with self._session_factory() as session:
+            return list(session.scalars(revoked.union(disabled)))

@@ -93,9 +93,11 @@ class Gateway:
         self.limiter = limiter
         self.meter = meter
         self.catalog = ModelCatalog(session_factory)
-        # Revocation acts within max_stale (2 x 0.5 s by default: DESIGN's 1 s).
+        # Revocation acts within 1 s (DESIGN): the revocation watch (serving/app.py) polls
+        # every auth_cache_seconds and forgets revoked keys, so a verified key can be trusted
+        # for a minute; should the watch stop reporting, entries fall back to 2 x 0.5 s.
         self.auth_cache: RefreshingCache[Principal] = RefreshingCache(
-            settings.auth_cache_seconds, 2 * settings.auth_cache_seconds
+            settings.auth_cache_seconds, 2 * settings.auth_cache_seconds, watched_ttl=60.0
         )
         self.models: RefreshingCache[ResolvedModel] = RefreshingCache(
             settings.model_cache_seconds, 2 * settings.model_cache_seconds

@@ -52,7 +52,9 @@ class GatewaySettings(CommonSettings):
     )
     auth_cache_seconds: float = Field(
         default=0.5,
-        description="How long a verified API key is remembered (revocation acts within this).",
+        description="How often the gateway looks for revoked keys and disabled tenants (a revoked "
+        "key is refused within about twice this); also how long a key is remembered while "
+        "that watch is not reporting.",
     )
     model_cache_seconds: float = Field(
         default=1.0,

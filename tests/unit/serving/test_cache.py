@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 from serving.cache import RefreshingCache
 
@@ -46,5 +47,36 @@ def test_concurrent_misses_share_one_load_and_none_is_remembered() -> None:
         results = await asyncio.gather(*(cache.get("gone", slow_missing) for _ in range(50)))
         assert results == [None] * 50 and len(calls) == 1
         assert await cache.get("gone", slow_missing) is None and len(calls) == 1
+
+    asyncio.run(run())
+
+
+def test_a_watched_cache_trusts_found_entries_while_the_watch_reports() -> None:
+    calls: list[str] = []
+
+    def load(value: str | None) -> Callable[[], str | None]:
+        def run() -> str | None:
+            calls.append(str(value))
+            return value
+
+        return run
+
+    async def run() -> None:
+        cache: RefreshingCache[str] = RefreshingCache(ttl=0.05, max_stale=0.1, watched_ttl=60)
+        assert await cache.get("key", load("principal")) == "principal"
+        assert await cache.get("missing", load(None)) is None
+        cache.watched(valid_for=0.3)
+        await asyncio.sleep(0.15)
+        # Past max_stale, but the watch reports: the found entry is used without a reload...
+        assert await cache.get("key", load("reloaded")) == "principal"
+        # ...while "not found" keeps the short bounds (a key may have been created since).
+        assert await cache.get("missing", load("created")) == "created"
+        assert calls == ["principal", "None", "created"]
+        # The watch reported a change: the entry is gone at once.
+        cache.forget("key")
+        assert await cache.get("key", load("after revocation")) == "after revocation"
+        # The watch stopped reporting: the short bounds apply again.
+        await asyncio.sleep(0.35)
+        assert await cache.get("key", load("short again")) == "short again"
 
     asyncio.run(run())

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 
 import pytest
+from redis.asyncio import Redis
 
 from serving.ratelimit import Limits, LocalRateLimiter, RateLimiter, SyncedRateLimiter
 
@@ -61,6 +62,34 @@ def test_two_gateway_processes_share_the_buckets_through_redis(redis_url: str) -
         finally:
             await first.close()
             await second.close()
+
+    asyncio.run(run())
+
+
+def test_tenants_far_from_their_limits_are_settled_less_often(redis_url: str) -> None:
+    async def run() -> None:
+        limiter = SyncedRateLimiter(redis_url, relaxed_sync_seconds=60)
+        shared = Redis.from_url(redis_url)
+        far, near = "far-" + secrets.token_hex(4), "near-" + secrets.token_hex(4)
+        try:
+            assert (await limiter.admit(far, Limits(1000, 10**6))).allowed
+            assert (await limiter.admit(near, Limits(10, 10**6))).allowed
+            await limiter.sync(due_only=True)  # never settled: both are due
+            assert float(await shared.hget(f"loraplex:rl:{far}:req", "level")) == 999
+            for _ in range(5):
+                assert (await limiter.admit(far, Limits(1000, 10**6))).allowed
+                assert (await limiter.admit(near, Limits(10, 10**6))).allowed
+            await limiter.sync(due_only=True)
+            # 5 of 1000 used, bucket nearly full: waits for the relaxed interval.
+            assert float(await shared.hget(f"loraplex:rl:{far}:req", "level")) == 999
+            # 6 of 10 used, below half: settled at once.
+            level = float(await shared.hget(f"loraplex:rl:{near}:req", "level"))
+            assert 4 <= level < 4.1
+            await limiter.sync()  # everything, as at shutdown
+            assert 994 <= float(await shared.hget(f"loraplex:rl:{far}:req", "level")) < 994.1
+        finally:
+            await limiter.close()
+            await shared.aclose()
 
     asyncio.run(run())
 
