@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -146,21 +147,40 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     )
 
 
-async def _watch_retired(gateway: Gateway, interval: float) -> None:
-    """Unload models retired through the API from every replica and the local cache."""
+async def _watch_models(gateway: Gateway, interval: float) -> None:
+    """Unload models retired through the API from every replica and the local cache, and forget
+    every model resolution that a retirement or a change of base model made wrong; while this
+    reports, the gateway trusts its model resolutions for longer (serving/cache.py)."""
     since, handled = 0, set[str]()
+    bases: dict[str, tuple[bool, int]] | None = None
     while True:
         try:
             started = now_ts()
             for name, tenant_id in await to_thread.run_sync(gateway.catalog.retired_since, since):
+                # Forgotten at every poll of the overlap: a resolution loaded while the model
+                # was being retired would otherwise outlive it.
+                gateway.models.forget((tenant_id, name))
                 if name not in handled:
-                    gateway.models.forget((tenant_id, name))
                     await gateway.placer.retire(name)
                     handled.add(name)
+            current = await to_thread.run_sync(gateway.catalog.base_models)
+            if bases is not None and current != bases:
+                gateway.models.forget_where(partial(_uses_changed_base, _changed(bases, current)))
+            bases = current
+            gateway.models.watched(valid_for=2 * interval)
             since = started - 60  # overlap: rows retired during the query are seen next time
         except Exception:
             log.exception("looking for retired models failed")
         await asyncio.sleep(interval)
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+
+def _uses_changed_base(changed: set[str], key: Any, model: Any) -> bool:
+    """A (tenant, name) resolution that a changed base model may have made wrong."""
+    return bool(key[1] in changed or (model is not None and model.base_model in changed))
 
 
 class GatewayApp:
@@ -270,7 +290,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
         loops = [
             asyncio.create_task(pool.run_health_checks(resolved.health_interval_seconds)),
             asyncio.create_task(meter.run(resolved.usage_flush_seconds)),
-            asyncio.create_task(_watch_retired(gateway, resolved.retired_poll_seconds)),
+            asyncio.create_task(_watch_models(gateway, resolved.retired_poll_seconds)),
             asyncio.create_task(_watch_revocations(gateway, resolved.auth_cache_seconds)),
         ]
         if isinstance(limiter, SyncedRateLimiter):

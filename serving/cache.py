@@ -89,6 +89,11 @@ class RefreshingCache(Generic[T]):
     def forget(self, key: Hashable) -> None:
         self._entries.pop(key, None)
 
+    def forget_where(self, matches: Callable[[Any, T | None], bool]) -> None:
+        """Forget every entry for which ``matches(key, value)`` holds (a scan: for rare events)."""
+        for key in [k for k, (_, value) in self._entries.items() if matches(k, value)]:
+            del self._entries[key]
+
 
 def _quiet(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:

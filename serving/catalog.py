@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.catalog.repository import BaseModelRepository, FineTunedModelRepository
-from models_db.models import ApiKey, FineTunedModel, Tenant
+from models_db.models import ApiKey, BaseModel, FineTunedModel, Tenant
 from serving.adapters import AdapterRef
 from serving.ratelimit import Limits
 
@@ -81,3 +81,11 @@ class ModelCatalog:
         )
         with self._session_factory() as session:
             return list(session.scalars(revoked.union(disabled)))
+
+    def base_models(self) -> dict[str, tuple[bool, int]]:
+        """Blocking. Every registered base model: (enabled, context length). A small table."""
+        with self._session_factory() as session:
+            rows = session.execute(
+                select(BaseModel.id, BaseModel.enabled, BaseModel.context_length)
+            ).all()
+        return {name: (bool(enabled), int(length)) for name, enabled, length in rows}

@@ -99,8 +99,9 @@ class Gateway:
         self.auth_cache: RefreshingCache[Principal] = RefreshingCache(
             settings.auth_cache_seconds, 2 * settings.auth_cache_seconds, watched_ttl=60.0
         )
+        # Watched by the model watch (serving/app.py: retirements, base model changes).
         self.models: RefreshingCache[ResolvedModel] = RefreshingCache(
-            settings.model_cache_seconds, 2 * settings.model_cache_seconds
+            settings.model_cache_seconds, 2 * settings.model_cache_seconds, watched_ttl=60.0
         )
         self.limits: RefreshingCache[Limits] = RefreshingCache(5.0, 60.0)
         self.upstream_headers = {"content-type": "application/json"}

@@ -39,7 +39,8 @@ class GatewaySettings(CommonSettings):
     )
     retired_poll_seconds: float = Field(
         default=2.0,
-        description="How often retired models are looked for (to unload them everywhere).",
+        description="How often retired models (to unload them everywhere and answer 404) and "
+        "changed base models are looked for.",
     )
     upstream_timeout_seconds: float = Field(
         default=600.0, description="Longest wait for a replica's answer (or next stream chunk)."
@@ -58,8 +59,9 @@ class GatewaySettings(CommonSettings):
     )
     model_cache_seconds: float = Field(
         default=1.0,
-        description="How long a (tenant, model) resolution is remembered; a deleted model "
-        "answers 404 within this time.",
+        description="How long a (tenant, model) resolution is remembered while the model watch "
+        "(RETIRED_POLL_SECONDS) is not reporting; while it reports, a retired or deleted model "
+        "answers 404 within one poll.",
     )
     rate_limit_redis_url: str = Field(
         default="",

@@ -80,3 +80,16 @@ def test_a_watched_cache_trusts_found_entries_while_the_watch_reports() -> None:
         assert await cache.get("key", load("short again")) == "short again"
 
     asyncio.run(run())
+
+
+def test_forget_where_drops_the_matching_entries() -> None:
+    async def run() -> None:
+        cache: RefreshingCache[str] = RefreshingCache(ttl=60, max_stale=60)
+        for key, value in [("a", "base-1"), ("b", "base-2"), ("c", None)]:
+            await cache.get(key, lambda v=value: v)  # type: ignore[misc]
+        cache.forget_where(lambda key, value: value == "base-1" or key == "c")
+        assert await cache.get("a", lambda: "reloaded") == "reloaded"
+        assert await cache.get("b", lambda: "reloaded") == "base-2"
+        assert await cache.get("c", lambda: "reloaded") == "reloaded"
+
+    asyncio.run(run())
