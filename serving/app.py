@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -153,25 +153,45 @@ async def _watch_models(gateway: Gateway, interval: float) -> None:
     reports, the gateway trusts its model resolutions for longer (serving/cache.py)."""
     since, handled = 0, set[str]()
     bases: dict[str, tuple[bool, int]] | None = None
-    while True:
-        try:
-            started = now_ts()
-            for name, tenant_id in await to_thread.run_sync(gateway.catalog.retired_since, since):
-                # Forgotten at every poll of the overlap: a resolution loaded while the model
-                # was being retired would otherwise outlive it.
-                gateway.models.forget((tenant_id, name))
-                if name not in handled:
-                    await gateway.placer.retire(name)
+    # Unloading waits for each replica's admin lock (held through adapter loads) and for the
+    # replica itself: it runs beside the watch, which must keep forgetting and reporting.
+    unloading: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            try:
+                started = now_ts()
+                retired = await to_thread.run_sync(gateway.catalog.retired_since, since)
+                for name, tenant_id in retired:
+                    # Forgotten at every poll of the overlap: a resolution loaded while the
+                    # model was being retired would otherwise outlive it.
+                    gateway.models.forget((tenant_id, name))
+                current = await to_thread.run_sync(gateway.catalog.base_models)
+                if bases is not None and current != bases:
+                    gateway.models.forget_where(
+                        partial(_uses_changed_base, _changed(bases, current))
+                    )
+                bases = current
+                gateway.models.watched(valid_for=2 * interval)
+                since = started - 60  # overlap: rows retired during the query are seen next time
+                for name in {name for name, _ in retired} - handled:
                     handled.add(name)
-            current = await to_thread.run_sync(gateway.catalog.base_models)
-            if bases is not None and current != bases:
-                gateway.models.forget_where(partial(_uses_changed_base, _changed(bases, current)))
-            bases = current
-            gateway.models.watched(valid_for=2 * interval)
-            since = started - 60  # overlap: rows retired during the query are seen next time
-        except Exception:
-            log.exception("looking for retired models failed")
-        await asyncio.sleep(interval)
+                    task = asyncio.create_task(_unload_retired(gateway, name, handled))
+                    unloading.add(task)
+                    task.add_done_callback(unloading.discard)
+            except Exception:
+                log.exception("looking for retired models failed")
+            await asyncio.sleep(interval)
+    finally:
+        for task in unloading:
+            task.cancel()
+
+
+async def _unload_retired(gateway: Gateway, name: str, handled: set[str]) -> None:
+    try:
+        await gateway.placer.retire(name)
+    except Exception:
+        log.exception("unloading retired model %s failed", name)
+        handled.discard(name)  # tried again at the next poll of the overlap
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
@@ -215,6 +235,8 @@ class GatewayApp:
             response = await gateway.forward(call)
         except GatewayError as exc:
             response = exc.response()
+        except ClientDisconnect:
+            return  # left while sending the request: nobody to answer
         except Exception:
             log.exception("inference request failed")
             response = JSONResponse(

@@ -77,22 +77,29 @@ class RefreshingCache(Generic[T]):
         return future
 
     async def _load(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
+        this = asyncio.current_task()
         try:
             value = await to_thread.run_sync(load)
-            if len(self._entries) >= self._max:
-                self._entries.clear()
-            self._entries[key] = (time.monotonic(), value)
+            if self._loading.get(key) is this:  # not forgotten while it ran
+                if len(self._entries) >= self._max:
+                    self._entries.clear()
+                self._entries[key] = (time.monotonic(), value)
             return value
         finally:
-            self._loading.pop(key, None)
+            if self._loading.get(key) is this:
+                del self._loading[key]
 
     def forget(self, key: Hashable) -> None:
+        """Drop ``key``, and disown a load of it in flight: that load may have read the row
+        before the change, so its answer is not kept and later requests load afresh."""
         self._entries.pop(key, None)
+        self._loading.pop(key, None)
 
     def forget_where(self, matches: Callable[[Any, T | None], bool]) -> None:
         """Forget every entry for which ``matches(key, value)`` holds (a scan: for rare events)."""
         for key in [k for k, (_, value) in self._entries.items() if matches(k, value)]:
             del self._entries[key]
+            self._loading.pop(key, None)
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:

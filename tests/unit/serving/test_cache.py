@@ -93,3 +93,29 @@ def test_forget_where_drops_the_matching_entries() -> None:
         assert await cache.get("c", lambda: "reloaded") == "reloaded"
 
     asyncio.run(run())
+
+
+def test_a_load_in_flight_when_its_key_is_forgotten_is_not_kept() -> None:
+    """A revocation (or retirement) reported while a load that read the old row is running:
+    that load must not put the old answer back, and requests after the report must not wait
+    for it either."""
+    started, release = threading.Event(), threading.Event()
+
+    def old_row() -> str:
+        started.set()
+        release.wait(5)
+        return "valid"
+
+    async def run() -> None:
+        cache: RefreshingCache[str] = RefreshingCache(ttl=60, max_stale=60)
+        before = asyncio.ensure_future(cache.get("key", old_row))
+        await asyncio.to_thread(started.wait, 5)
+        cache.forget("key")  # the watch saw the revocation while the load ran
+        after = asyncio.ensure_future(cache.get("key", lambda: None))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await before == "valid"  # already asked before the report
+        assert await after is None
+        assert await cache.get("key", lambda: "reloaded") is None  # "revoked" is what's kept
+
+    asyncio.run(run())
