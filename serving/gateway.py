@@ -161,7 +161,7 @@ class Gateway:
         body = await self._read_body(request)
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             raise bad_request("We could not parse the JSON body of your request.") from None
         if not isinstance(payload, dict):
             raise bad_request("The request body must be a JSON object.")
@@ -171,6 +171,9 @@ class Gateway:
         stream = payload.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", param="stream_options")
         self._check_shape(endpoint, payload)
         model = await self.resolve(principal.tenant_id, name)
         self._check_max_tokens(payload, model)
@@ -186,12 +189,10 @@ class Gateway:
                 headers={"retry-after": retry_after_header(decision.retry_after)},
             )
         strip_usage = False
-        if stream:
-            options = payload.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                payload["stream_options"] = {**(options or {}), "include_usage": True}
-                body = json.dumps(payload).encode()
-                strip_usage = True
+        if stream and not (options is not None and options.get("include_usage") is True):
+            payload["stream_options"] = {**(options or {}), "include_usage": True}
+            body = json.dumps(payload).encode()
+            strip_usage = True
         return Call(endpoint, principal, model, limits, body, stream, strip_usage)
 
     def _too_large(self) -> GatewayError:
@@ -448,9 +449,11 @@ class RelayResponse(Response):
                 raise  # the replica failed mid-answer: the caller sees the stream break
         finally:
             watcher.cancel()
-            await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator
-            await self._upstream.aclose()
-            self._release()
+            try:
+                await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+            finally:
+                await self._upstream.aclose()
+                self._release()  # whatever counting usage did: a leak skews routing for good
 
     def _caller_left(self, watcher: asyncio.Task[None]) -> None:
         if not watcher.cancelled():

@@ -61,6 +61,11 @@ class LocalRateLimiter:
     async def admit(self, tenant_id: str, limits: Limits) -> Decision:
         now = time.monotonic()
         rpm, tpm = float(limits.requests_per_minute), float(limits.tokens_per_minute)
+        # A quota of zero (an admin's choice, or a tenant that no longer exists) never refills.
+        if tpm <= 0:
+            return Decision(False, 60.0, "tokens per minute")
+        if rpm <= 0:
+            return Decision(False, 60.0, "requests per minute")
         with self._lock:
             tokens_left = self._take(f"{tenant_id}:tok", tpm, 0, now)
             if tokens_left <= 0:

@@ -1,0 +1,174 @@
+"""GatewayApp's inference routes with the database and the replica's adapter placement faked:
+malformed requests and callers that leave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.types import Message
+
+from api.tenancy.service import Principal
+from serving.app import GatewayApp
+from serving.catalog import ResolvedModel
+from serving.gateway import Gateway
+from serving.ratelimit import Limits, LocalRateLimiter
+from serving.replicas import ReplicaPool
+from serving.settings import GatewaySettings
+from serving.upstream import UpstreamPool
+from serving.usage import UsageMeter
+
+PRINCIPAL = Principal(tenant_id="t1", tenant_slug="t1", key_id="k1", scopes=frozenset({"admin"}))
+
+
+def _app(replica_url: str = "http://127.0.0.1:9") -> tuple[GatewayApp, Gateway]:
+    settings = GatewaySettings(vllm_urls=replica_url)
+    pool = ReplicaPool(settings.replica_urls, httpx.AsyncClient(), {})
+    for replica in pool.replicas:
+        replica.healthy, replica.base_model = True, "base"
+    placer: Any = type("Placer", (), {"busy": Counter()})()
+    gateway = Gateway(
+        settings,
+        None,  # type: ignore[arg-type]  # no database: the lookups below are faked
+        UpstreamPool(read_timeout=5),
+        pool,
+        None,  # type: ignore[arg-type]
+        placer,
+        LocalRateLimiter(),
+        UsageMeter(None),  # type: ignore[arg-type]
+    )
+
+    async def principal(*_: Any) -> Principal:
+        return PRINCIPAL
+
+    async def resolve(_tenant: str, name: str) -> ResolvedModel:
+        return ResolvedModel(name, "base", 4096, None)
+
+    async def limits_of(_tenant: str) -> Limits:
+        return Limits(1000, 10**6)
+
+    gateway.principal = principal  # type: ignore[method-assign]
+    gateway.resolve = resolve  # type: ignore[method-assign]
+    gateway.limits_of = limits_of  # type: ignore[method-assign]
+    starlette = Starlette()
+    starlette.state.gateway = gateway
+    return GatewayApp(starlette), gateway
+
+
+async def _call(app: GatewayApp, body: bytes, *, leave: bool = False) -> list[Message]:
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+    incoming: list[Message] = (
+        [{"type": "http.disconnect"}]
+        if leave
+        else [{"type": "http.request", "body": body, "more_body": False}]
+    )
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()  # the caller stays
+        raise AssertionError
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def _error(sent: list[Message]) -> tuple[int, dict[str, Any]]:
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)["error"]
+
+
+_CHAT = b'{"model": "m", "messages": [{"role": "user"}], "stream": true, '
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (_CHAT + b'"stream_options": "x"}', "stream_options"),
+        (_CHAT + b'"stream_options": [1]}', "stream_options"),
+        (_CHAT + b'"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    ],
+    ids=["stream-options-string", "stream-options-array", "deeply-nested"],
+)
+def test_malformed_bodies_are_a_400_that_says_what_is_wrong(body: bytes, param: str | None) -> None:
+    app, _ = _app()
+    status, error = _error(asyncio.run(_call(app, body)))
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_a_caller_leaving_while_sending_its_body_is_no_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, _ = _app()
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(_call(app, b"", leave=True))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_caller_leaving_mid_stream_stops_the_replica_and_frees_the_replica() -> None:
+    async def run() -> None:
+        closed = asyncio.Event()
+
+        async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+            writer.write(b"transfer-encoding: chunked\r\n\r\n")
+            event = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await reader.read()  # until the gateway hangs up
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(replica, "127.0.0.1", 0)
+        app, gateway = _app(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        body = b'{"model": "m", "messages": [{"role": "user"}], "stream": true}'
+        leave = asyncio.Event()
+        sent: list[Message] = []
+        incoming: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> Message:
+            if incoming:
+                return incoming.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+            if message.get("body"):
+                leave.set()  # the caller goes away after the first event
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [],
+            "query_string": b"",
+        }
+        try:
+            await asyncio.wait_for(app(scope, receive, send), 5)
+            await asyncio.wait_for(closed.wait(), 5)
+            assert sent[0]["status"] == 200 and b'"content":"a"' in sent[1]["body"]
+            assert gateway.pool.replicas[0].inflight == 0 and not gateway.placer.busy
+        finally:
+            await gateway.upstream.aclose()
+            server.close()
+
+    asyncio.run(run())
