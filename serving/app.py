@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -151,7 +152,8 @@ async def _watch_models(gateway: Gateway, interval: float) -> None:
     """Unload models retired through the API from every replica and the local cache, and forget
     every model resolution that a retirement or a change of base model made wrong; while this
     reports, the gateway trusts its model resolutions for longer (serving/cache.py)."""
-    since, handled = 0, set[str]()
+    # The first poll looks back a day: retirements while no gateway ran are unloaded too.
+    since, handled = now_ts() - 86_400, set[str]()
     bases: dict[str, tuple[bool, int]] | None = None
     # Unloading waits for each replica's admin lock (held through adapter loads) and for the
     # replica itself: it runs beside the watch, which must keep forgetting and reporting.
@@ -159,7 +161,7 @@ async def _watch_models(gateway: Gateway, interval: float) -> None:
     try:
         while True:
             try:
-                started = now_ts()
+                started, polled = now_ts(), time.monotonic()
                 retired = await to_thread.run_sync(gateway.catalog.retired_since, since)
                 for name, tenant_id in retired:
                     # Forgotten at every poll of the overlap: a resolution loaded while the
@@ -171,7 +173,7 @@ async def _watch_models(gateway: Gateway, interval: float) -> None:
                         partial(_uses_changed_base, _changed(bases, current))
                     )
                 bases = current
-                gateway.models.watched(valid_for=2 * interval)
+                gateway.models.watched(polled, valid_for=2 * interval)
                 since = started - 60  # overlap: rows retired during the query are seen next time
                 for name in {name for name, _ in retired} - handled:
                     handled.add(name)
@@ -257,10 +259,10 @@ async def _watch_revocations(gateway: Gateway, interval: float) -> None:
     since = now_ts() - 60
     while True:
         try:
-            started = now_ts()
+            started, polled = now_ts(), time.monotonic()
             for key_hash in await to_thread.run_sync(gateway.catalog.revoked_keys_since, since):
                 gateway.auth_cache.forget(key_hash)
-            gateway.auth_cache.watched(valid_for=2 * interval)
+            gateway.auth_cache.watched(polled, valid_for=2 * interval)
             # Overlap: a key whose load was in flight while it was revoked is forgotten again at
             # the next polls; timestamps are whole seconds written by other hosts' clocks.
             since = started - 60

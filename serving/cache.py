@@ -46,10 +46,12 @@ class RefreshingCache(Generic[T]):
         self._entries: dict[Hashable, tuple[float, T | None]] = {}
         self._loading: dict[Hashable, asyncio.Future[T | None]] = {}
 
-    def watched(self, valid_for: float) -> None:
-        """The watcher has forgotten every key changed up to now; trust found entries for
-        ``watched_ttl`` until ``valid_for`` seconds from now (unless it reports again)."""
-        self._watched_until = time.monotonic() + valid_for
+    def watched(self, polled_at: float, valid_for: float) -> None:
+        """The watcher has forgotten every key changed up to ``polled_at`` (the monotonic time
+        its query started); trust found entries for ``watched_ttl`` until ``valid_for`` seconds
+        after that (unless it reports again). Counted from the query's start, so a slow
+        database shortens the trust instead of stretching it."""
+        self._watched_until = max(self._watched_until, polled_at + valid_for)
 
     async def get(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
         """The value for ``key``; ``load`` is a blocking function run in a thread."""

@@ -10,6 +10,7 @@ per request); in embedded mode they live in the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -110,9 +111,10 @@ class SyncedRateLimiter(LocalRateLimiter):
     ``sync_seconds`` (100 ms) while it matters: its local buckets are below half full, or it has
     used 5 % of a bucket here since the last settlement; otherwise (far from its limits, the
     usual case) once every ``relaxed_sync_seconds`` (1 s), which spares Redis and the gateway ten
-    calls a second per active tenant. With N gateway processes a tenant can therefore exceed its
-    limit by at most what N processes admit before their next settlement: 5 % of a bucket each,
-    or one 100 ms interval's worth once the buckets are below half.
+    calls a second per active tenant. Reaching 5 % wakes the settlement at once rather than at
+    the next tick. With N gateway processes a tenant can therefore exceed its limit by about 5 %
+    of a bucket per process (plus what arrives during one Redis round trip), or one 100 ms
+    interval's worth per process once the buckets are below half.
     """
 
     def __init__(
@@ -126,18 +128,25 @@ class SyncedRateLimiter(LocalRateLimiter):
         self._used: dict[str, list[float]] = {}  # tenant -> [requests, tokens] since last sync
         self._limits: dict[str, Limits] = {}
         self._synced_at: dict[str, float] = {}  # tenant -> monotonic time of its last sync
+        self._wake = asyncio.Event()
 
     async def admit(self, tenant_id: str, limits: Limits) -> Decision:
         decision = await super().admit(tenant_id, limits)
         self._limits[tenant_id] = limits
         if decision.allowed:
-            self._used.setdefault(tenant_id, [0.0, 0.0])[0] += 1
+            used = self._used.setdefault(tenant_id, [0.0, 0.0])
+            used[0] += 1
+            if used[0] >= 0.05 * limits.requests_per_minute:
+                self._wake.set()  # settle now, not at the next tick
         return decision
 
     def charge_tokens(self, tenant_id: str, limits: Limits, tokens: int) -> None:
         super().charge_tokens(tenant_id, limits, tokens)
         self._limits[tenant_id] = limits
-        self._used.setdefault(tenant_id, [0.0, 0.0])[1] += tokens
+        used = self._used.setdefault(tenant_id, [0.0, 0.0])
+        used[1] += tokens
+        if used[1] >= 0.05 * limits.tokens_per_minute:
+            self._wake.set()
 
     def _due(self, tenant_id: str, now: float) -> bool:
         """Whether a tenant's use must be settled at this tick (see the class docstring)."""
@@ -194,7 +203,10 @@ class SyncedRateLimiter(LocalRateLimiter):
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self._sync_seconds)
+            # Every tick, or at once when a tenant has used 5 % of a bucket here.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._sync_seconds)
+            self._wake.clear()
             try:
                 await self.sync(due_only=True)
             except Exception:

@@ -65,7 +65,7 @@ def test_a_watched_cache_trusts_found_entries_while_the_watch_reports() -> None:
         cache: RefreshingCache[str] = RefreshingCache(ttl=0.05, max_stale=0.1, watched_ttl=60)
         assert await cache.get("key", load("principal")) == "principal"
         assert await cache.get("missing", load(None)) is None
-        cache.watched(valid_for=0.3)
+        cache.watched(time.monotonic(), valid_for=0.3)
         await asyncio.sleep(0.15)
         # Past max_stale, but the watch reports: the found entry is used without a reload...
         assert await cache.get("key", load("reloaded")) == "principal"

@@ -96,6 +96,32 @@ def test_tenants_far_from_their_limits_are_settled_less_often(redis_url: str) ->
     asyncio.run(run())
 
 
+def test_using_five_percent_of_a_bucket_settles_at_once(redis_url: str) -> None:
+    async def run() -> None:
+        # Ticks so far apart that only the wake-up can explain a settlement.
+        limiter = SyncedRateLimiter(redis_url, sync_seconds=30, relaxed_sync_seconds=60)
+        shared = Redis.from_url(redis_url)
+        tenant, limits = "burst-" + secrets.token_hex(4), Limits(100, 10**6)
+        loop = asyncio.create_task(limiter.run())
+        try:
+            for _ in range(4):
+                assert (await limiter.admit(tenant, limits)).allowed
+            await asyncio.sleep(0.2)
+            assert await shared.hget(f"loraplex:rl:{tenant}:req", "level") is None
+            assert (await limiter.admit(tenant, limits)).allowed  # the 5th of 100: 5 %
+            for _ in range(50):
+                if await shared.hget(f"loraplex:rl:{tenant}:req", "level") is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert 95 <= float(await shared.hget(f"loraplex:rl:{tenant}:req", "level")) < 95.5
+        finally:
+            loop.cancel()
+            await limiter.close()
+            await shared.aclose()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("tokens", [0, -5])
 def test_charging_nothing_changes_nothing(tokens: int) -> None:
     async def run() -> None:
