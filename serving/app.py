@@ -33,11 +33,11 @@ from models_db.base import now_ts
 from models_db.session import make_engine, make_session_factory
 from serving.adapters import AdapterCache, AdapterPlacer, AdapterRef
 from serving.errors import GatewayError
-from serving.gateway import Gateway
+from serving.gateway import Gateway, until_disconnect
 from serving.ratelimit import LocalRateLimiter, RateLimiter, SyncedRateLimiter
 from serving.replicas import ReplicaPool
 from serving.settings import GatewaySettings
-from serving.upstream import UpstreamPool
+from serving.upstream import CallerLeft, UpstreamPool
 from serving.usage import UsageMeter
 
 log = logging.getLogger(__name__)
@@ -232,13 +232,20 @@ class GatewayApp:
             await self.app(scope, receive, send)
             return
         gateway: Gateway = self.app.state.gateway
+        caller_left: asyncio.Task[None] | None = None
         try:
             call = await gateway.prepare(Request(scope, receive), endpoint)
+            # The body is read: from here the only message left is the disconnect, which
+            # aborts the upstream answer (vLLM stops generating for nobody).
+            caller_left = asyncio.get_running_loop().create_task(until_disconnect(receive))
+            call.caller_left = caller_left
             response = await gateway.forward(call)
         except GatewayError as exc:
             response = exc.response()
-        except ClientDisconnect:
-            return  # left while sending the request: nobody to answer
+        except (ClientDisconnect, CallerLeft):
+            if caller_left is not None:
+                caller_left.cancel()
+            return  # left while sending the request or waiting for the answer: nobody to answer
         except Exception:
             log.exception("inference request failed")
             response = JSONResponse(
@@ -250,7 +257,11 @@ class GatewayApp:
                 ),
                 status_code=500,
             )
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        finally:
+            if caller_left is not None:
+                caller_left.cancel()
 
 
 async def _watch_revocations(gateway: Gateway, interval: float) -> None:

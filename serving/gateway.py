@@ -41,7 +41,7 @@ from serving.errors import GatewayError, bad_request, model_not_found, unavailab
 from serving.ratelimit import Limits, RateLimiter, retry_after_header
 from serving.replicas import NoReplica, Replica, ReplicaPool
 from serving.settings import GatewaySettings
-from serving.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from serving.upstream import CallerLeft, UpstreamError, UpstreamPool, UpstreamResponse
 from serving.usage import UsageMeter
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Call:
     body: bytes
     stream: bool
     strip_usage: bool  # we asked vLLM for the usage chunk; the client did not
+    # Completes when the caller disconnects (GatewayApp watches); None for internal calls.
+    caller_left: asyncio.Future[None] | None = None
 
 
 class Gateway:
@@ -292,9 +294,15 @@ class Gateway:
             try:
                 started = time.perf_counter()
                 upstream = await self.upstream.post(
-                    f"{replica.url}/v1/{call.endpoint}", call.body, self.upstream_headers
+                    f"{replica.url}/v1/{call.endpoint}",
+                    call.body,
+                    self.upstream_headers,
+                    abandon=call.caller_left,
                 )
                 UPSTREAM_SECONDS.observe(time.perf_counter() - started)
+            except CallerLeft:
+                release()
+                raise
             except UpstreamError as exc:
                 release()
                 replica.mark_failed(f"{type(exc).__name__}: {exc}")
@@ -369,6 +377,15 @@ class Gateway:
         if not call.stream or upstream.status_code != 200:
             try:
                 content = await upstream.aread()
+            except CallerLeft:
+                raise
+            except UpstreamError as exc:
+                raise GatewayError(
+                    502,
+                    "The model's server failed while answering; try again.",
+                    type_="server_error",
+                    code="upstream_failed",
+                ) from exc
             finally:
                 await upstream.aclose()
                 release()
@@ -378,7 +395,9 @@ class Gateway:
                 self._count(call, _usage_of(content))
             return Response(content, status_code=upstream.status_code, headers=headers)
 
-        return RelayResponse(headers, self._relay(call, upstream), upstream, release)
+        return RelayResponse(
+            headers, self._relay(call, upstream), upstream, release, call.caller_left
+        )
 
     async def _relay(self, call: Call, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
         """Pass SSE events through; take usage from the final chunk (dropped if we added it)."""
@@ -419,7 +438,9 @@ class RelayResponse(Response):
     Instead of Starlette's StreamingResponse (an anyio task group and a second task per answer,
     under uvicorn's ASGI 2.3, to notice a caller that left), one plain task waits for the
     caller's disconnect and aborts the upstream answer, which ends the relay and makes vLLM stop
-    generating. ``release`` runs when the answer is over, however it ends.
+    generating. ``release`` runs when the answer is over, however it ends. When the request
+    already has such a watcher (``caller_left``, from GatewayApp, which also made the upstream
+    answer abort with it), that one is used.
     """
 
     def __init__(
@@ -428,6 +449,7 @@ class RelayResponse(Response):
         chunks: AsyncIterator[bytes],
         upstream: UpstreamResponse,
         release: Callable[[], None],
+        caller_left: asyncio.Future[None] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -435,10 +457,14 @@ class RelayResponse(Response):
         self._chunks = chunks
         self._upstream = upstream
         self._release = release
+        self._caller_left_future = caller_left
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.get_running_loop().create_task(_until_disconnect(receive))
-        watcher.add_done_callback(self._caller_left)
+        watcher = self._caller_left_future
+        own = watcher is None
+        if watcher is None:
+            watcher = asyncio.get_running_loop().create_task(until_disconnect(receive))
+            watcher.add_done_callback(self._caller_left)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self._chunks:
@@ -448,7 +474,8 @@ class RelayResponse(Response):
             if not (watcher.done() and not watcher.cancelled()):
                 raise  # the replica failed mid-answer: the caller sees the stream break
         finally:
-            watcher.cancel()
+            if own:
+                watcher.cancel()
             try:
                 await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator
             finally:
@@ -460,7 +487,8 @@ class RelayResponse(Response):
             self._upstream.abort("the caller went away")
 
 
-async def _until_disconnect(receive: Receive) -> None:
+async def until_disconnect(receive: Receive) -> None:
+    """Returns when the caller has gone away (to run as a task once the body was read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 

@@ -33,6 +33,10 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class CallerLeft(UpstreamError):
+    """The request was abandoned because the gateway's own caller went away."""
+
+
 # Stop reading from the socket while this much body is waiting to be relayed (backpressure
 # from a slow client); resume below half of it.
 _HIGH_WATER = 1 << 20
@@ -47,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.error: Exception | None = None
+        self._abandon: asyncio.Future[Any] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -141,6 +146,24 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
 
+    def watch(self, abandon: asyncio.Future[Any]) -> None:
+        """Fail this request with ``CallerLeft`` if ``abandon`` completes before it is over."""
+        if abandon.done():
+            self._abandoned(abandon)
+        else:
+            abandon.add_done_callback(self._abandoned)
+            self._abandon = abandon
+
+    def unwatch(self) -> None:
+        """Called before the connection can serve another request."""
+        if self._abandon is not None:
+            self._abandon.remove_done_callback(self._abandoned)
+            self._abandon = None
+
+    def _abandoned(self, abandon: asyncio.Future[Any]) -> None:
+        if not abandon.cancelled() and not self.complete:
+            self._fail(CallerLeft("the caller went away"))
+
     def take(self) -> bytes:
         data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks.clear()
@@ -217,6 +240,7 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        conn.unwatch()
         if conn.reusable:
             self._pool._release(self._key, conn)
         else:
@@ -254,12 +278,23 @@ class UpstreamPool:
                 self._targets[url] = found
         return found
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        abandon: asyncio.Future[Any] | None = None,
+    ) -> UpstreamResponse:
         """POST ``body`` and wait for the answer's headers.
 
         A connection reused from the pool may have been closed by the replica while idle; if it
         fails before a single byte of answer arrived, the request is sent again once on a fresh
         connection (the replica never saw it). Any other failure raises ``UpstreamError``.
+
+        When ``abandon`` completes (not cancelled) before the answer is complete, the
+        connection is closed (the replica stops generating) and whoever waits on the answer,
+        here or while reading it, gets ``CallerLeft``.
         """
         key, path, host = self._target(url)
         head = [f"POST {path} HTTP/1.1\r\n".encode(), b"host: ", host, b"\r\n"]
@@ -271,13 +306,16 @@ class UpstreamPool:
             conn, reused = await self._acquire(key)
             try:
                 conn.send(message)
+                if abandon is not None:
+                    conn.watch(abandon)
                 while not conn.headers_done:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait(self.read_timeout)
             except UpstreamError as exc:
                 conn.close()
-                if reused and not conn.received_any and not isinstance(exc, UpstreamTimeout):
+                retry = not isinstance(exc, (UpstreamTimeout, CallerLeft))
+                if reused and not conn.received_any and retry:
                     continue
                 raise
             except BaseException:

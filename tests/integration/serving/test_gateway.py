@@ -499,3 +499,36 @@ def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
         "the replica's in-flight count to go back to zero",
     )
     assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)
+
+
+def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
+    gateway: RunningGateway, vllm_server: Any, new_tenant: Callable[..., TenantCreds]
+) -> None:
+    tenant = new_tenant()
+    generated = _vllm_metric(vllm_server.url, "vllm:generation_tokens_total")
+    body = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        # Gives up (and closes its connection) long before 900 tokens are generated.
+        httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {tenant.api_key}"},
+            timeout=httpx.Timeout(10, read=0.5),
+        )
+    wait_for(
+        lambda: _vllm_metric(vllm_server.url, "vllm:num_requests_running") == 0,
+        30,
+        "vLLM to stop generating",
+    )
+    assert _vllm_metric(vllm_server.url, "vllm:generation_tokens_total") - generated < 900
+    wait_for(
+        lambda: all(r.inflight == 0 for r in gateway.gateway.pool.replicas),
+        10,
+        "the replica's in-flight count to go back to zero",
+    )
+    assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import uvloop
 
-from serving.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from serving.upstream import CallerLeft, UpstreamError, UpstreamPool, UpstreamTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -277,6 +277,40 @@ def test_a_timeout_on_a_reused_connection_is_not_sent_again() -> None:
                 await pool.post(url, b"{}", {})
             await asyncio.sleep(0.1)
             assert len(requests) == 2 and len(accepted) == 1
+        finally:
+            await pool.aclose()
+            server.close()
+
+    _LOOP.run(run())
+
+
+def test_an_abandoned_request_closes_its_connection_and_raises_caller_left() -> None:
+    async def run() -> None:
+        peer_closed = asyncio.Event()
+
+        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _read_request(reader)
+            await reader.read()  # generating... until the gateway closes the connection
+            peer_closed.set()
+
+        server, url, _ = await _serve(slow)
+        pool = UpstreamPool(read_timeout=30)
+        left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            waiting = asyncio.ensure_future(pool.post(url, b"{}", {}, abandon=left))
+            await asyncio.sleep(0.05)
+            left.set_result(None)  # the caller went away
+            with pytest.raises(CallerLeft):
+                await waiting
+            await asyncio.wait_for(peer_closed.wait(), 5)
+            # A cancelled watcher (the normal end of a request) abandons nothing.
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.cancel()
+            server2, url2, _ = await _serve(_echo_forever)
+            response = await pool.post(url2, b"{}", {}, abandon=done)
+            assert (await response.aread()).endswith(b"|{}")
+            await response.aclose()
+            server2.close()
         finally:
             await pool.aclose()
             server.close()
