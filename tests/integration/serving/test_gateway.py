@@ -466,6 +466,26 @@ def _vllm_metric(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
 
 
+def _assert_generation_stopped(
+    gateway: RunningGateway, vllm_url: str, generated_before: float, tenant: TenantCreds
+) -> None:
+    """After a caller left a 900-token request: the gateway aborted its upstream request, vLLM
+    stopped long before 900 tokens, the replica's in-flight count is back to zero, and the
+    gateway still answers."""
+    wait_for(
+        lambda: _vllm_metric(vllm_url, "vllm:num_requests_running") == 0,
+        30,
+        "vLLM to stop generating",
+    )
+    assert _vllm_metric(vllm_url, "vllm:generation_tokens_total") - generated_before < 900
+    wait_for(
+        lambda: all(r.inflight == 0 for r in gateway.gateway.pool.replicas),
+        10,
+        "the replica's in-flight count to go back to zero",
+    )
+    assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)
+
+
 def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
     gateway: RunningGateway, vllm_server: Any, new_tenant: Callable[..., TenantCreds]
 ) -> None:
@@ -484,21 +504,8 @@ def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
     ) as response:
         assert response.status_code == 200
         assert next(response.iter_raw()).startswith(b"data: ")
-    # Leaving the block closed the connection mid-answer: the gateway aborts its upstream
-    # answer, vLLM stops generating long before the 900 tokens, and the replica's in-flight
-    # count goes back to zero.
-    wait_for(
-        lambda: _vllm_metric(vllm_server.url, "vllm:num_requests_running") == 0,
-        30,
-        "vLLM to stop generating",
-    )
-    assert _vllm_metric(vllm_server.url, "vllm:generation_tokens_total") - generated < 900
-    wait_for(
-        lambda: all(r.inflight == 0 for r in gateway.gateway.pool.replicas),
-        10,
-        "the replica's in-flight count to go back to zero",
-    )
-    assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)
+    # Leaving the block closed the connection mid-answer.
+    _assert_generation_stopped(gateway, vllm_server.url, generated, tenant)
 
 
 def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
@@ -520,15 +527,4 @@ def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
             headers={"Authorization": f"Bearer {tenant.api_key}"},
             timeout=httpx.Timeout(10, read=0.5),
         )
-    wait_for(
-        lambda: _vllm_metric(vllm_server.url, "vllm:num_requests_running") == 0,
-        30,
-        "vLLM to stop generating",
-    )
-    assert _vllm_metric(vllm_server.url, "vllm:generation_tokens_total") - generated < 900
-    wait_for(
-        lambda: all(r.inflight == 0 for r in gateway.gateway.pool.replicas),
-        10,
-        "the replica's in-flight count to go back to zero",
-    )
-    assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)
+    _assert_generation_stopped(gateway, vllm_server.url, generated, tenant)
