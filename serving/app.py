@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -48,18 +48,6 @@ ANY_SCOPE = frozenset({"inference", "finetune", "admin"})
 def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
-
-
-def _inference(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
-    async def handle(request: Request) -> Response:
-        gateway = _gateway(request)
-        try:
-            call = await gateway.prepare(request, endpoint)
-            return await gateway.forward(call)
-        except GatewayError as exc:
-            return exc.response()
-
-    return handle
 
 
 async def models(request: Request) -> Response:
@@ -228,8 +216,17 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self._hot.get(scope["path"]) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":
+        if endpoint is None:
             await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            error = error_body(
+                "Method not allowed for this endpoint.",
+                "invalid_request_error",
+                None,
+                "method_not_allowed",
+            )
+            await JSONResponse(error, 405, headers={"allow": "POST"})(scope, receive, send)
             return
         gateway: Gateway = self.app.state.gateway
         caller_left: asyncio.Task[None] | None = None
@@ -346,10 +343,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
             engine.dispose()
 
     routes = [
-        # The inference routes are answered by GatewayApp before Starlette; these entries only
-        # give other methods on them Starlette's 405.
-        Route("/v1/chat/completions", _inference("chat/completions"), methods=["POST"]),
-        Route("/v1/completions", _inference("completions"), methods=["POST"]),
+        # The inference routes are answered by GatewayApp before Starlette.
         Route("/v1/models", models, methods=["GET"]),
         Route("/internal/parity", parity, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -395,9 +395,7 @@ class Gateway:
                 self._count(call, _usage_of(content))
             return Response(content, status_code=upstream.status_code, headers=headers)
 
-        return RelayResponse(
-            headers, self._relay(call, upstream), upstream, release, call.caller_left
-        )
+        return RelayResponse(headers, self._relay(call, upstream), upstream, release)
 
     async def _relay(self, call: Call, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
         """Pass SSE events through; take usage from the final chunk (dropped if we added it)."""
@@ -436,11 +434,10 @@ class RelayResponse(Response):
     """A streamed answer relayed from the replica to the caller as it arrives.
 
     Instead of Starlette's StreamingResponse (an anyio task group and a second task per answer,
-    under uvicorn's ASGI 2.3, to notice a caller that left), one plain task waits for the
-    caller's disconnect and aborts the upstream answer, which ends the relay and makes vLLM stop
-    generating. ``release`` runs when the answer is over, however it ends. When the request
-    already has such a watcher (``caller_left``, from GatewayApp, which also made the upstream
-    answer abort with it), that one is used.
+    under uvicorn's ASGI 2.3, to notice a caller that left), it relies on the request's own
+    watcher (``caller_left``, started by GatewayApp), which the upstream answer already
+    watches: a caller leaving ends the relay with ``CallerLeft`` and makes vLLM stop
+    generating. ``release`` runs when the answer is over, however it ends.
     """
 
     def __init__(
@@ -449,7 +446,6 @@ class RelayResponse(Response):
         chunks: AsyncIterator[bytes],
         upstream: UpstreamResponse,
         release: Callable[[], None],
-        caller_left: asyncio.Future[None] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -457,34 +453,21 @@ class RelayResponse(Response):
         self._chunks = chunks
         self._upstream = upstream
         self._release = release
-        self._caller_left_future = caller_left
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = self._caller_left_future
-        own = watcher is None
-        if watcher is None:
-            watcher = asyncio.get_running_loop().create_task(until_disconnect(receive))
-            watcher.add_done_callback(self._caller_left)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self._chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except UpstreamError:
-            if not (watcher.done() and not watcher.cancelled()):
-                raise  # the replica failed mid-answer: the caller sees the stream break
+        except CallerLeft:
+            pass  # nobody is listening any more
         finally:
-            if own:
-                watcher.cancel()
             try:
                 await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator
             finally:
                 await self._upstream.aclose()
                 self._release()  # whatever counting usage did: a leak skews routing for good
-
-    def _caller_left(self, watcher: asyncio.Task[None]) -> None:
-        if not watcher.cancelled():
-            self._upstream.abort("the caller went away")
 
 
 async def until_disconnect(receive: Receive) -> None:

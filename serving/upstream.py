@@ -229,13 +229,6 @@ class UpstreamResponse:
         parts = [piece async for piece in self.aiter_raw()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def abort(self, reason: str) -> None:
-        """Stop an answer still arriving (its reader gets ``UpstreamError``); the replica sees
-        the connection close and stops generating."""
-        conn = self._conn
-        if conn is not None and not conn.complete:
-            conn._fail(UpstreamError(reason))
-
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:

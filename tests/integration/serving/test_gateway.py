@@ -466,6 +466,15 @@ def _vllm_metric(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
 
 
+# A request vLLM needs seconds to answer: 900 tokens whatever the model says.
+_LONG_ANSWER = {
+    "model": "tiny-llama",
+    "messages": [{"role": "user", "content": "Count to a thousand."}],
+    "max_tokens": 900,
+    "ignore_eos": True,
+}
+
+
 def _assert_generation_stopped(
     gateway: RunningGateway, vllm_url: str, generated_before: float, tenant: TenantCreds
 ) -> None:
@@ -491,13 +500,7 @@ def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
 ) -> None:
     tenant = new_tenant()
     generated = _vllm_metric(vllm_server.url, "vllm:generation_tokens_total")
-    body = {
-        "model": "tiny-llama",
-        "messages": [{"role": "user", "content": "Count to a thousand."}],
-        "max_tokens": 900,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = {**_LONG_ANSWER, "stream": True}
     headers = {"Authorization": f"Bearer {tenant.api_key}"}
     with httpx.stream(
         "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=60
@@ -513,12 +516,7 @@ def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
 ) -> None:
     tenant = new_tenant()
     generated = _vllm_metric(vllm_server.url, "vllm:generation_tokens_total")
-    body = {
-        "model": "tiny-llama",
-        "messages": [{"role": "user", "content": "Count to a thousand."}],
-        "max_tokens": 900,
-        "ignore_eos": True,
-    }
+    body = _LONG_ANSWER
     with pytest.raises(httpx.ReadTimeout):
         # Gives up (and closes its connection) long before 900 tokens are generated.
         httpx.post(
@@ -528,3 +526,9 @@ def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
             timeout=httpx.Timeout(10, read=0.5),
         )
     _assert_generation_stopped(gateway, vllm_server.url, generated, tenant)
+
+
+def test_other_methods_on_the_inference_routes_get_405(gateway: RunningGateway) -> None:
+    response = httpx.get(f"{gateway.url}/v1/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
