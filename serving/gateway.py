@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from api.errors import error_body
 from api.tenancy import keys
 from api.tenancy.service import Principal, authenticate
+from serving import unfinished
 from serving.adapters import (
     AdapterCache,
     AdapterIntegrityError,
@@ -107,6 +108,8 @@ class Gateway:
         )
         self.limits: RefreshingCache[Limits] = RefreshingCache(5.0, 60.0)
         self.upstream_headers = {"content-type": "application/json"}
+        # Billing of unfinished requests (serving/unfinished.py), running after they ended.
+        self._billing: set[asyncio.Task[None]] = set()
         if settings.vllm_api_key:
             self.upstream_headers["authorization"] = f"Bearer {settings.vllm_api_key}"
 
@@ -302,6 +305,7 @@ class Gateway:
                 UPSTREAM_SECONDS.observe(time.perf_counter() - started)
             except CallerLeft:
                 release()
+                self._bill_unfinished(call, completion_tokens=0)
                 raise
             except UpstreamError as exc:
                 release()
@@ -378,6 +382,8 @@ class Gateway:
             try:
                 content = await upstream.aread()
             except CallerLeft:
+                if metered:
+                    self._bill_unfinished(call, completion_tokens=0)
                 raise
             except UpstreamError as exc:
                 raise GatewayError(
@@ -398,9 +404,13 @@ class Gateway:
         return RelayResponse(headers, self._relay(call, upstream), upstream, release)
 
     async def _relay(self, call: Call, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
-        """Pass SSE events through; take usage from the final chunk (dropped if we added it)."""
+        """Pass SSE events through; take usage from the final chunk (dropped if we added it).
+
+        A stream that ends before that chunk (the caller left, the replica broke off) is billed
+        from the events relayed (serving/unfinished.py)."""
         pending = b""
         usage: dict[str, Any] | None = None
+        relayed = 0
         try:
             async for chunk in upstream.aiter_raw():
                 pending += chunk
@@ -415,11 +425,15 @@ class Gateway:
                             continue
                     out.append(event)
                 if out:
+                    relayed += len(out)
                     yield b"\n\n".join(out) + b"\n\n"
             if pending:
                 yield pending
         finally:
-            self._count(call, usage)
+            if usage is not None:
+                self._count(call, usage)
+            else:
+                self._bill_unfinished(call, unfinished.streamed_tokens(call.endpoint, relayed))
 
     def _count(self, call: Call, usage: dict[str, Any] | None) -> None:
         if not usage:
@@ -428,6 +442,49 @@ class Gateway:
         completion = int(usage.get("completion_tokens") or 0)
         self.meter.add(call.principal.tenant_id, call.model.name, prompt, completion)
         self.limiter.charge_tokens(call.principal.tenant_id, call.limits, prompt + completion)
+
+    def _bill_unfinished(self, call: Call, completion_tokens: int) -> None:
+        """Bill a request that ended without vLLM's usage report, once its prompt is counted."""
+        task = asyncio.get_running_loop().create_task(
+            self._bill_unfinished_later(call, completion_tokens)
+        )
+        self._billing.add(task)
+        task.add_done_callback(self._billing.discard)
+
+    async def _bill_unfinished_later(self, call: Call, completion_tokens: int) -> None:
+        try:
+            prompt = await self._prompt_tokens(call)
+        except (UpstreamError, NoReplica, ValueError, KeyError, TypeError) as exc:
+            prompt = unfinished.estimate(call.body)
+            log.warning(
+                "counting the prompt of an unfinished request to %s failed (%s); billing an "
+                "estimate of %d tokens",
+                call.model.name,
+                exc,
+                prompt,
+            )
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens}
+        self._count(call, usage)
+
+    async def _prompt_tokens(self, call: Call) -> int:
+        """The prompt's tokens as a replica of its base model counts them (vLLM's /tokenize)."""
+        how = unfinished.prompt_count(call.endpoint, call.body, call.model.base_model)
+        if how is None:
+            return unfinished.estimate(call.body)
+        total = how.known
+        for request in how.requests:
+            replica = self.pool.choose(call.model.base_model, call.model.base_model)
+            answer = await self.upstream.post(
+                f"{replica.url}/tokenize", json.dumps(request).encode(), self.upstream_headers
+            )
+            try:
+                content = await answer.aread()
+            finally:
+                await answer.aclose()
+            if answer.status_code != 200:
+                raise UpstreamError(f"/tokenize answered {answer.status_code}: {content[:200]!r}")
+            total += int(json.loads(content)["count"])
+        return total
 
 
 class RelayResponse(Response):

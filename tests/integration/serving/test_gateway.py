@@ -70,10 +70,6 @@ def test_adapter_streams_the_same_text_and_records_usage(
     tmp_path: Path,
     tiny_model_dir: Path,
 ) -> None:
-    from sqlalchemy import func, select
-
-    from models_db.models import UsageRecord
-
     tenant = new_tenant()
     name = publish_adapter(
         training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=11)
@@ -104,19 +100,22 @@ def test_adapter_streams_the_same_text_and_records_usage(
         )
     )
     assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens >= 1
+    wait_for(lambda: _usage(training_stack, tenant, "completion_tokens") >= 3, 10, "usage records")
 
-    def recorded() -> int:
-        with training_stack.api.session_factory() as session:  # type: ignore[operator]
-            total = session.scalar(
-                select(func.sum(UsageRecord.quantity)).where(
-                    UsageRecord.tenant_id == tenant.tenant_id,
-                    UsageRecord.kind == "completion_tokens",
-                    UsageRecord.model == name,
-                )
+
+def _usage(stack: TrainingStack, tenant: TenantCreds, kind: str) -> int:
+    """Tokens of ``kind`` recorded for ``tenant``, all models together."""
+    from sqlalchemy import func, select
+
+    from models_db.models import UsageRecord
+
+    with stack.api.session_factory() as session:  # type: ignore[operator]
+        total = session.scalar(
+            select(func.sum(UsageRecord.quantity)).where(
+                UsageRecord.tenant_id == tenant.tenant_id, UsageRecord.kind == kind
             )
-            return int(total or 0)
-
-    wait_for(lambda: recorded() >= 3, 10, "usage records")
+        )
+        return int(total or 0)
 
 
 def test_adapter_output_differs_from_base_and_equals_hf_peft(
@@ -475,12 +474,18 @@ _LONG_ANSWER = {
 }
 
 
-def _assert_generation_stopped(
-    gateway: RunningGateway, vllm_url: str, generated_before: float, tenant: TenantCreds
+def _assert_generation_stopped_and_billed(
+    gateway: RunningGateway,
+    stack: TrainingStack,
+    vllm_url: str,
+    generated_before: float,
+    tenant: TenantCreds,
+    tokens_received: int,
 ) -> None:
     """After a caller left a 900-token request: the gateway aborted its upstream request, vLLM
-    stopped long before 900 tokens, the replica's in-flight count is back to zero, and the
-    gateway still answers."""
+    stopped long before 900 tokens, the replica's in-flight count is back to zero, the tenant
+    is billed for the prompt as vLLM tokenises it and for at least the tokens it received (vLLM
+    never sent its usage report), and the gateway still answers."""
     wait_for(
         lambda: _vllm_metric(vllm_url, "vllm:num_requests_running") == 0,
         30,
@@ -492,11 +497,22 @@ def _assert_generation_stopped(
         10,
         "the replica's in-flight count to go back to zero",
     )
+    prompt = httpx.post(
+        f"{vllm_url}/tokenize",
+        json={"model": "tiny-llama", "messages": _LONG_ANSWER["messages"]},
+    ).json()["count"]
+    wait_for(
+        lambda: _usage(stack, tenant, "prompt_tokens") == prompt, 10, "the prompt to be billed"
+    )
+    assert tokens_received <= _usage(stack, tenant, "completion_tokens") < 900
     assert _chat(gateway.client(tenant.api_key), "tiny-llama", "hi", max_tokens=2)
 
 
-def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
-    gateway: RunningGateway, vllm_server: Any, new_tenant: Callable[..., TenantCreds]
+def test_a_caller_leaving_mid_stream_stops_the_generation_frees_the_replica_and_is_billed(
+    gateway: RunningGateway,
+    training_stack: TrainingStack,
+    vllm_server: Any,
+    new_tenant: Callable[..., TenantCreds],
 ) -> None:
     tenant = new_tenant()
     generated = _vllm_metric(vllm_server.url, "vllm:generation_tokens_total")
@@ -506,13 +522,22 @@ def test_a_caller_leaving_mid_stream_stops_the_generation_and_frees_the_replica(
         "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=60
     ) as response:
         assert response.status_code == 200
-        assert next(response.iter_raw()).startswith(b"data: ")
+        received = b""
+        for piece in response.iter_raw():
+            received += piece
+            if received.count(b"data: ") >= 4:  # the role announcement, then tokens
+                break
     # Leaving the block closed the connection mid-answer.
-    _assert_generation_stopped(gateway, vllm_server.url, generated, tenant)
+    _assert_generation_stopped_and_billed(
+        gateway, training_stack, vllm_server.url, generated, tenant, tokens_received=3
+    )
 
 
-def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
-    gateway: RunningGateway, vllm_server: Any, new_tenant: Callable[..., TenantCreds]
+def test_a_caller_leaving_before_a_json_answer_stops_the_generation_and_is_billed(
+    gateway: RunningGateway,
+    training_stack: TrainingStack,
+    vllm_server: Any,
+    new_tenant: Callable[..., TenantCreds],
 ) -> None:
     tenant = new_tenant()
     generated = _vllm_metric(vllm_server.url, "vllm:generation_tokens_total")
@@ -525,7 +550,9 @@ def test_a_caller_leaving_before_a_json_answer_stops_the_generation(
             headers={"Authorization": f"Bearer {tenant.api_key}"},
             timeout=httpx.Timeout(10, read=0.5),
         )
-    _assert_generation_stopped(gateway, vllm_server.url, generated, tenant)
+    _assert_generation_stopped_and_billed(
+        gateway, training_stack, vllm_server.url, generated, tenant, tokens_received=0
+    )
 
 
 def test_other_methods_on_the_inference_routes_get_405(gateway: RunningGateway) -> None:

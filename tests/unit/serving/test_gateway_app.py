@@ -122,16 +122,36 @@ def test_a_caller_leaving_while_sending_its_body_is_no_server_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_a_caller_leaving_mid_stream_stops_the_replica_and_frees_the_replica() -> None:
+@pytest.mark.parametrize("tokenizer_answers", [True, False], ids=["counted", "estimated"])
+def test_a_caller_leaving_mid_stream_stops_the_replica_frees_it_and_is_billed(
+    tokenizer_answers: bool,
+) -> None:
     async def run() -> None:
         closed = asyncio.Event()
+        tokenized: list[dict[str, Any]] = []
 
         async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            if head.startswith(b"POST /tokenize "):
+                tokenized.append(json.loads(body))
+                answer = b'{"count": 7, "max_model_len": 4096, "tokens": []}'
+                status = b"200 OK" if tokenizer_answers else b"500 Internal Server Error"
+                writer.write(
+                    b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n%s" % (status, len(answer), answer)
+                )
+                await writer.drain()
+                writer.close()
+                return
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
             writer.write(b"transfer-encoding: chunked\r\n\r\n")
-            event = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            # The role announcement and one token, in one piece: relayed together.
+            events = (
+                b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+                b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+            )
+            writer.write(b"%x\r\n%s\r\n" % (len(events), events))
             await writer.drain()
             await reader.read()  # until the gateway hangs up
             closed.set()
@@ -139,7 +159,8 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_and_frees_the_replica() -
 
         server = await asyncio.start_server(replica, "127.0.0.1", 0)
         app, gateway = _app(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        body = b'{"model": "m", "messages": [{"role": "user"}], "stream": true}'
+        messages = [{"role": "user", "content": "hi"}]
+        body = json.dumps({"model": "m", "messages": messages, "stream": True}).encode()
         leave = asyncio.Event()
         sent: list[Message] = []
         incoming: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
@@ -153,7 +174,7 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_and_frees_the_replica() -
         async def send(message: Message) -> None:
             sent.append(message)
             if message.get("body"):
-                leave.set()  # the caller goes away after the first event
+                leave.set()  # the caller goes away after the first piece
 
         scope = {
             "type": "http",
@@ -167,6 +188,17 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_and_frees_the_replica() -
             await asyncio.wait_for(closed.wait(), 5)
             assert sent[0]["status"] == 200 and b'"content":"a"' in sent[1]["body"]
             assert gateway.pool.replicas[0].inflight == 0 and not gateway.placer.busy
+            # Billed without vLLM's usage chunk: the prompt as the replica counts it (for the
+            # base model, with the caller's messages) or else estimated, and the token relayed.
+            await asyncio.wait_for(asyncio.gather(*gateway._billing), 5)
+            assert tokenized == [{"model": "base", "messages": messages}]
+            # (the estimate is of the body sent to vLLM, which asks for the usage chunk)
+            sent_on = {**json.loads(body), "stream_options": {"include_usage": True}}
+            prompt = 7 if tokenizer_answers else len(json.dumps(sent_on)) // 4
+            assert dict(gateway.meter._pending) == {
+                ("t1", "m", "prompt_tokens"): prompt,
+                ("t1", "m", "completion_tokens"): 1,
+            }
         finally:
             await gateway.upstream.aclose()
             server.close()
