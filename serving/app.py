@@ -335,6 +335,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
             for loop in loops:
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop
+            await gateway.finish_billing(timeout=10.0)
             await to_thread.run_sync(meter.flush)
             await client.aclose()
             await upstream.aclose()

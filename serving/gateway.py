@@ -443,6 +443,11 @@ class Gateway:
         self.meter.add(call.principal.tenant_id, call.model.name, prompt, completion)
         self.limiter.charge_tokens(call.principal.tenant_id, call.limits, prompt + completion)
 
+    async def finish_billing(self, timeout: float) -> None:
+        """Wait (at shutdown) for unfinished requests still being billed."""
+        if self._billing:
+            await asyncio.wait(set(self._billing), timeout=timeout)
+
     def _bill_unfinished(self, call: Call, completion_tokens: int) -> None:
         """Bill a request that ended without vLLM's usage report, once its prompt is counted."""
         task = asyncio.get_running_loop().create_task(

@@ -190,7 +190,7 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_frees_it_and_is_billed(
             assert gateway.pool.replicas[0].inflight == 0 and not gateway.placer.busy
             # Billed without vLLM's usage chunk: the prompt as the replica counts it (for the
             # base model, with the caller's messages) or else estimated, and the token relayed.
-            await asyncio.wait_for(asyncio.gather(*gateway._billing), 5)
+            await gateway.finish_billing(timeout=5)
             assert tokenized == [{"model": "base", "messages": messages}]
             # (the estimate is of the body sent to vLLM, which asks for the usage chunk)
             sent_on = {**json.loads(body), "stream_options": {"include_usage": True}}
