@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
 from api.deps import FinetunePrincipal, ServicesDep, SessionDep
 from api.errors import ERROR_RESPONSES
+from api.idempotency import fingerprint, run_idempotent
+from api.services import Services
+from api.tenancy.service import Principal
 from api.webhooks import service
 from api.webhooks.schemas import (
     CreateEndpointRequest,
@@ -19,10 +27,52 @@ from api.webhooks.schemas import (
     RotateSecretRequest,
     UpdateEndpointRequest,
 )
+from common.webhooks import signing
 
-router = APIRouter(prefix="/v1/webhook_endpoints", tags=["webhooks"], responses=ERROR_RESPONSES)
+PREFIX = "/v1/webhook_endpoints"
+router = APIRouter(prefix=PREFIX, tags=["webhooks"], responses=ERROR_RESPONSES)
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+IdempotencyKey = Annotated[str | None, Header()]
+
+# The answers of create and rotate_secret carry the signing secret in clear. The Idempotency-Key
+# row that replays such an answer keeps the secret encrypted, as the endpoint row does: a
+# database dump must not let anyone sign our webhooks (ADR 0009).
+_SEALED = "sealed_secret"
+
+
+def _once(
+    session: Session,
+    services: Services,
+    principal: Principal,
+    idempotency_key: str | None,
+    path: str,
+    body: BaseModel | None,
+    produce: Callable[[], BaseModel],
+) -> JSONResponse:
+    """Run a POST once per Idempotency-Key (as job create does); a retry gets its answer."""
+    if idempotency_key is None:
+        return JSONResponse(produce().model_dump(mode="json"))
+    server_secret = services.settings.secret_key
+
+    def stored() -> tuple[int, dict[str, Any]]:
+        answer = produce().model_dump(mode="json")
+        if answer.get("secret") is not None:
+            answer[_SEALED] = signing.encrypt_secret(server_secret, answer["secret"])
+            answer["secret"] = None
+        return 200, answer
+
+    payload = None if body is None else body.model_dump(mode="json")
+    response = run_idempotent(
+        session, principal.tenant_id, idempotency_key, fingerprint("POST", path, payload), stored
+    )
+    answer = json.loads(bytes(response.body))
+    sealed = answer.pop(_SEALED, None)
+    if sealed is None:
+        return response
+    answer["secret"] = signing.decrypt_secret(server_secret, sealed)
+    replayed = {k: v for k, v in response.headers.items() if k == "idempotent-replayed"}
+    return JSONResponse(answer, status_code=response.status_code, headers=replayed)
 
 
 @router.post("", response_model=EndpointObject)
@@ -31,11 +81,20 @@ def create_endpoint(
     session: SessionDep,
     services: ServicesDep,
     principal: FinetunePrincipal,
-) -> EndpointObject:
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     """Subscribe a URL to job events; the answer carries the signing secret, shown this once."""
     settings = services.settings
-    return service.create(
-        session, principal, body, settings.secret_key, settings.webhook_allowed_hosts
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        PREFIX,
+        body,
+        lambda: service.create(
+            session, principal, body, settings.secret_key, settings.webhook_allowed_hosts
+        ),
     )
 
 
@@ -65,10 +124,19 @@ def update_endpoint(
     session: SessionDep,
     services: ServicesDep,
     principal: FinetunePrincipal,
-) -> EndpointObject:
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     """Change the URL, events, description, or enable/disable."""
-    return service.update(
-        session, principal, endpoint_id, body, services.settings.webhook_allowed_hosts
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        f"{PREFIX}/{endpoint_id}",
+        body,
+        lambda: service.update(
+            session, principal, endpoint_id, body, services.settings.webhook_allowed_hosts
+        ),
     )
 
 
@@ -86,38 +154,88 @@ def rotate_secret(
     services: ServicesDep,
     principal: FinetunePrincipal,
     body: RotateSecretRequest | None = None,
-) -> EndpointObject:
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     """A new secret (shown once); the old one keeps signing for ``overlap_seconds``."""
-    overlap = (body or RotateSecretRequest()).overlap_seconds
-    return service.rotate_secret(
-        session, principal, endpoint_id, overlap, services.settings.secret_key
+    # No body is the default body: both are the same request for the Idempotency-Key.
+    request = body or RotateSecretRequest()
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        f"{PREFIX}/{endpoint_id}/rotate_secret",
+        request,
+        lambda: service.rotate_secret(
+            session, principal, endpoint_id, request.overlap_seconds, services.settings.secret_key
+        ),
     )
+
+
+def _set_enabled(
+    session: Session, principal: Principal, endpoint_id: str, enabled: bool
+) -> EndpointObject:
+    row = service.EndpointRepository(session, principal.tenant_id).get_live(endpoint_id)
+    service.set_enabled(row, enabled)
+    return service.to_object(row)
 
 
 @router.post("/{endpoint_id}/enable", response_model=EndpointObject)
 def enable_endpoint(
-    endpoint_id: str, session: SessionDep, principal: FinetunePrincipal
-) -> EndpointObject:
-    row = service.EndpointRepository(session, principal.tenant_id).get_live(endpoint_id)
-    service.set_enabled(row, True)
-    return service.to_object(row)
+    endpoint_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: FinetunePrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        f"{PREFIX}/{endpoint_id}/enable",
+        None,
+        lambda: _set_enabled(session, principal, endpoint_id, True),
+    )
 
 
 @router.post("/{endpoint_id}/disable", response_model=EndpointObject)
 def disable_endpoint(
-    endpoint_id: str, session: SessionDep, principal: FinetunePrincipal
-) -> EndpointObject:
-    row = service.EndpointRepository(session, principal.tenant_id).get_live(endpoint_id)
-    service.set_enabled(row, False)
-    return service.to_object(row)
+    endpoint_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: FinetunePrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        f"{PREFIX}/{endpoint_id}/disable",
+        None,
+        lambda: _set_enabled(session, principal, endpoint_id, False),
+    )
 
 
 @router.post("/{endpoint_id}/test", response_model=DeliveryObject)
 def send_test_event(
-    endpoint_id: str, session: SessionDep, principal: FinetunePrincipal
-) -> DeliveryObject:
+    endpoint_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: FinetunePrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     """Queue a ``webhook_endpoint.test`` event for this endpoint."""
-    return service.send_test(session, principal, endpoint_id)
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        f"{PREFIX}/{endpoint_id}/test",
+        None,
+        lambda: service.send_test(session, principal, endpoint_id),
+    )
 
 
 @router.get("/{endpoint_id}/deliveries", response_model=DeliveryList)
@@ -135,7 +253,20 @@ def list_deliveries(
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/replay", response_model=DeliveryObject)
 def replay_delivery(
-    endpoint_id: str, delivery_id: str, session: SessionDep, principal: FinetunePrincipal
-) -> DeliveryObject:
+    endpoint_id: str,
+    delivery_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: FinetunePrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     """Send a delivery again, whatever its state."""
-    return service.replay(session, principal, endpoint_id, delivery_id)
+    return _once(
+        session,
+        services,
+        principal,
+        idempotency_key,
+        f"{PREFIX}/{endpoint_id}/deliveries/{delivery_id}/replay",
+        None,
+        lambda: service.replay(session, principal, endpoint_id, delivery_id),
+    )

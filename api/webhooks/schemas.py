@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from common.webhooks.events import EVENT_TYPES, JOB_EVENT_TYPES
 
@@ -16,7 +16,14 @@ assert set(EVENT_TYPES) >= set(JOB_EVENT_TYPES.values())
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value of the wrong type is a 400, not coerced ("no" is not false, "5" is
+    # not 5). A JSON integer still fits a float field.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Free text. No NUL: Postgres cannot store it in text. (Nor an unpaired surrogate, "\ud800":
+# pydantic refuses one in any string with a constraint, so keep one on every str field.)
+Description = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00]*$")]
 
 
 class CreateEndpointRequest(_Strict):
@@ -26,13 +33,13 @@ class CreateEndpointRequest(_Strict):
         min_length=1,
         description="Event types to deliver (default: all fine-tuning job events).",
     )
-    description: str = Field(default="", max_length=500)
+    description: Description = ""
 
 
 class UpdateEndpointRequest(_Strict):
     url: str | None = Field(default=None, max_length=2048)
     events: list[EventType] | None = Field(default=None, min_length=1)
-    description: str | None = Field(default=None, max_length=500)
+    description: Description | None = None
     enabled: bool | None = None
 
 

@@ -34,8 +34,9 @@ Decisions:
 * A URL that points at several addresses is refused when *any* of them is unsafe.
 * Only ``https`` is accepted; ``http`` only for allow-listed hosts. No user info
   (``user:pass@``), no backslashes, no whitespace or control characters, no non-ASCII outside
-  the host name, at most 2048 characters, explicit ports 1-65535. A fragment is dropped (it is
-  never sent). IDNA host names are converted to their ASCII (``xn--``) form.
+  the host name, at most 2048 characters both as given and once normalised (the normalised URL
+  is what is stored), explicit ports 1-65535. A fragment is dropped (it is never sent). IDNA
+  host names are converted to their ASCII (``xn--``) form.
 * The allow list (``LORAPLEX_WEBHOOK_ALLOW_HOSTS``, see :func:`parse_allow_hosts`) names host
   names or IP literals. It matches the URL's *host* only (after normalisation, so an allowed
   ``127.0.0.1`` also matches ``0x7f.1``); an allowed host skips the address checks and may use
@@ -458,6 +459,16 @@ def check_url(
         host, ip = normalize_host(raw_host)
     except _HostError as exc:
         raise refuse(str(exc)) from None
+    url_host = f"[{host}]" if ":" in host else host
+    port_suffix = "" if port == _DEFAULT_PORTS[scheme] else f":{port}"
+    normalised = f"{scheme}://{url_host}{port_suffix}{path_and_query}"
+    if len(normalised) > MAX_URL_LENGTH:
+        # Normalising can lengthen a URL ("1.1" is 1.0.0.1, "?q" gets a "/", IDNA), and the
+        # normalised one is what is stored.
+        raise refuse(
+            f"the URL is {len(normalised)} characters long once normalised (host {url_host}); "
+            f"at most {MAX_URL_LENGTH} allowed"
+        )
 
     allowed = parse_allow_hosts(allow_hosts, strict=False) if allow_hosts else frozenset()
     is_allowed = host in allowed or (ip is not None and str(_connect_address(ip)) in allowed)
@@ -491,10 +502,8 @@ def check_url(
         text = str(_connect_address(address))
         if text not in pinned:
             pinned.append(text)
-    url_host = f"[{host}]" if ":" in host else host
-    port_suffix = "" if port == _DEFAULT_PORTS[scheme] else f":{port}"
     return CheckedURL(
-        url=f"{scheme}://{url_host}{port_suffix}{path_and_query}",
+        url=normalised,
         scheme=scheme,
         host=host,
         port=port,

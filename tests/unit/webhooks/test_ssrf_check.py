@@ -8,6 +8,7 @@ import re
 import pytest
 
 from common.webhooks.ssrf import (
+    MAX_URL_LENGTH,
     CheckedURL,
     UnsafeURL,
     check_url,
@@ -81,6 +82,24 @@ def test_normalisation() -> None:
     literal = check_url("https://[2606:4700::1111]:8443/x")
     assert literal.url == "https://[2606:4700::1111]:8443/x"
     assert literal.host_header == "[2606:4700::1111]:8443"
+
+
+@pytest.mark.parametrize(
+    "short",
+    [
+        "https://1.1?",  # the host becomes 1.0.0.1 and the query gets a "/"
+        "https://0x5db8d822/?",  # 93.184.216.34
+        "https://bücher.de/?",  # xn--bcher-kva.de (resolve=False: no DNS)
+    ],
+)
+def test_a_url_that_normalising_makes_too_long_is_refused(short: str) -> None:
+    # Stored normalised in a 2048-character column: the limit applies to that form too.
+    url = short + "a" * (MAX_URL_LENGTH - len(short))
+    assert len(url) == MAX_URL_LENGTH
+    with pytest.raises(UnsafeURL, match=r"characters long once normalised.*at most 2048"):
+        check_url(url, resolve=False)
+    shorter = url[: -(len(check_url(short, resolve=False).url) - len(short))]
+    assert len(check_url(shorter, resolve=False).url) == MAX_URL_LENGTH
 
 
 def test_allow_list_permits_loopback_and_http() -> None:
