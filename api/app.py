@@ -98,6 +98,9 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
         version="0.1.0",
         description="OpenAI-compatible fine-tuning API: files, fine-tuning jobs and models.",
         lifespan=lifespan,
+        # "/v1/files/" is a 404 like any unknown URL, not a redirect: behind a TLS proxy the
+        # redirect would point to http://, and clients differ on replaying a POST.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     for router in (files_router, jobs_router, models_router, webhooks_router, ops_router):

@@ -51,7 +51,7 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 def _bearer_token(request: Request) -> str:
     try:
-        return keys.bearer_token(request.headers.get("authorization", ""))
+        return keys.bearer_token(request.headers.getlist("authorization"))
     except keys.BadAuthorization as exc:
         raise Unauthorized(str(exc), code=exc.code) from None
 

@@ -107,6 +107,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path or "body"
 
 
+_TYPE_ERRORS = {"literal_error", "string_type", "int_type", "float_type", "bool_type"}
+
+
 def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
     """Of a union's errors, the one about the value's range beats "not the literal 'auto'"."""
     if not errors:
@@ -114,9 +117,16 @@ def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
     first_field = _field_path(tuple(errors[0].get("loc", ())))
     same_field = [e for e in errors if _field_path(tuple(e.get("loc", ()))) == first_field]
     for err in same_field:
-        if err.get("type") not in ("literal_error", "string_type", "int_type", "float_type"):
+        if err.get("type") not in _TYPE_ERRORS:
             return err
-    return same_field[0]
+    # Only "wrong type" errors, one per member of a union: say what each member would take
+    # ("Input should be 'auto' or a valid integer").
+    wanted: list[str] = []
+    for err in same_field:
+        text = str(err.get("msg", "")).removeprefix("Input should be ")
+        if text not in wanted:
+            wanted.append(text)
+    return {**same_field[0], "msg": "Input should be " + " or ".join(wanted)}
 
 
 def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
@@ -126,8 +136,9 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
         return field, f"Unrecognized request argument supplied: {field}"
     if kind == "missing":
         return field, f"Missing required parameter: '{field}'."
-    if kind in ("json_invalid", "model_attributes_type") and field == "body":
-        return field, "We could not parse the JSON body of your request."
+    if kind == "json_invalid" or (kind == "model_attributes_type" and field == "body"):
+        # (a JSON syntax error's location is the character offset, not a field)
+        return "body", "We could not parse the JSON body of your request."
     return field, f"Invalid value for '{field}': {err.get('msg', 'invalid')}."
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 
@@ -84,6 +85,9 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class RequestLimitsMiddleware:
     """Refuses what no endpoint can mean: bodies over a limit (by Content-Length up front, or
     counted as they stream) and NUL characters in the URL (no database can store them)."""
@@ -133,9 +137,14 @@ class RequestLimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+        # Control characters in a path name nothing, and a trailing newline would otherwise
+        # match routes as if absent ("$" matches before it); NUL reaches no database.
+        if _CONTROL.search(scope["path"]) or b"%00" in scope.get("query_string", b""):
             payload = json.dumps(
-                error_body("NUL characters are not allowed in URLs.", "invalid_request_error")
+                error_body(
+                    "Control characters (NUL, newlines...) are not allowed in URLs.",
+                    "invalid_request_error",
+                )
             ).encode()
             await send(
                 {
@@ -153,19 +162,27 @@ class RequestLimitsMiddleware:
             await self._refuse(send, limit, is_upload)
             return
         seen = 0
-        started = False
+        started = too_large = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    too_large = True
                     raise _BodyTooLarge()
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if too_large:
+                # The app may have caught the exception and answered it its own way (FastAPI
+                # reading a JSON body: 400 "error parsing the body"): the answer is ours.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._refuse(send, limit, is_upload)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)

@@ -63,7 +63,8 @@ WEBHOOK_ENDPOINT = "whep-"
 WEBHOOK_EVENT = "evt-"
 WEBHOOK_DELIVERY = "whdel-"
 
-_ID_SHAPE = re.compile(r"^[A-Za-z0-9_.:/-]{1,400}$")
+_ID_SHAPE = re.compile(r"[A-Za-z0-9_.:/-]{1,400}")
+_SUFFIX = re.compile(f"[{_ALPHABET}]{{26}}")
 
 
 def is_plausible_id(value: str) -> bool:
@@ -71,4 +72,15 @@ def is_plausible_id(value: str) -> bool:
 
     Checked before any query so hostile input never reaches the database driver.
     """
-    return bool(_ID_SHAPE.match(value))
+    return _ID_SHAPE.fullmatch(value) is not None  # (not match: "$" would let "id\n" through)
+
+
+def show_id(value: str, limit: int = 80) -> str:
+    """A client-supplied id as an error message may quote it: cut short, so a hostile 10 kB
+    "id" is not echoed back whole."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def is_id_of(prefix: str, value: str) -> bool:
+    """Whether ``value`` has the shape of an id made by ``new_id(prefix)``."""
+    return value.startswith(prefix) and _SUFFIX.fullmatch(value, len(prefix)) is not None

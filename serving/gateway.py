@@ -117,7 +117,7 @@ class Gateway:
 
     async def principal(self, request: Request, accepted: frozenset[str]) -> Principal:
         try:
-            token = keys.bearer_token(request.headers.get("authorization", ""))
+            token = keys.bearer_token(request.headers.getlist("authorization"))
         except keys.BadAuthorization as exc:
             raise GatewayError(401, str(exc), code=exc.code) from None
         found = None

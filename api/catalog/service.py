@@ -12,6 +12,7 @@ from api.catalog.repository import BaseModelRepository, FineTunedModelRepository
 from api.catalog.schemas import ModelObject
 from api.errors import NotFound, PermissionDenied
 from api.tenancy.service import Principal
+from common.ids import show_id
 from models_db.base import now_ts
 from models_db.models import AuditLogEntry, BaseModel
 
@@ -98,7 +99,9 @@ def get_model(session: Session, principal: Principal, model_id: str) -> ModelObj
     base = BaseModelRepository(session).get_enabled(model_id)
     if base is not None:
         return ModelObject(id=base.id, created=base.created_at, owned_by=PLATFORM_OWNER)
-    raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    raise NotFound(
+        f"The model '{show_id(model_id)}' does not exist", param="model", code="model_not_found"
+    )
 
 
 def retire_model(session: Session, principal: Principal, model_id: str) -> str:
@@ -112,7 +115,7 @@ def retire_model(session: Session, principal: Principal, model_id: str) -> str:
                 code="model_not_deletable",
             )
         raise NotFound(
-            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+            f"The model '{show_id(model_id)}' does not exist", param="model", code="model_not_found"
         )
     tuned.retired_at = now_ts()
     session.add(

@@ -8,6 +8,7 @@ from sqlalchemy import func
 
 from api.pagination import check_cursor, page
 from api.scoping import TenantScopedRepository
+from common import ids
 from models_db.models import File
 
 
@@ -30,7 +31,7 @@ class FileRepository(TenantScopedRepository[File]):
                 stmt = stmt.where(File.id > after)
             rows = self.session.scalars(stmt.order_by(File.id.asc()).limit(limit + 1)).all()
             return rows[:limit], len(rows) > limit
-        return page(self.session, stmt, File.id, after, limit)
+        return page(self.session, stmt, File.id, after, limit, prefix=ids.FILE)
 
     def stored_bytes(self) -> int:
         total = self.session.scalar(

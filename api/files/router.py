@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import hashlib
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -55,6 +56,9 @@ async def create_file(
         raise BadRequest("Expected a multipart/form-data body with 'file' and 'purpose'.")
     # The body is spooled to a temporary file (never held in memory), then streamed on.
     form = await request.form(max_files=1, max_fields=8)
+    for field in ("file", "purpose"):
+        if len(form.getlist(field)) > 1:  # which copy would win is parser-dependent
+            raise BadRequest(f"'{field}' was given more than once.", param=field)
     upload = form.get("file")
     purpose = form.get("purpose")
     if not isinstance(upload, UploadFile):
@@ -79,17 +83,32 @@ async def create_file(
         return 200, FileObject.of(row).model_dump()
 
     try:
+        # A key's replay must be for the same bytes: a retry with other data (same name and
+        # size, even) would otherwise be answered with the first file, and trained on.
+        content = (
+            await run_in_threadpool(_sha256_of, upload.file) if idempotency_key is not None else ""
+        )
         # Validation and the storage upload are blocking work: keep them off the event loop.
         return await run_in_threadpool(
             run_idempotent,
             session,
             principal.tenant_id,
             idempotency_key,
-            fingerprint("POST", "/v1/files", [upload.filename, upload.size, purpose]),
+            fingerprint("POST", "/v1/files", [upload.filename, upload.size, purpose, content]),
             produce,
         )
     finally:
         await form.close()
+
+
+def _sha256_of(source: BinaryIO) -> str:
+    """The sha256 of a spooled upload, leaving it at its start."""
+    digest = hashlib.sha256()
+    source.seek(0)
+    while chunk := source.read(1 << 20):
+        digest.update(chunk)
+    source.seek(0)
+    return digest.hexdigest()
 
 
 @router.get("", response_model=FileList)

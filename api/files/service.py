@@ -20,6 +20,7 @@ from api.settings import APISettings
 from api.tenancy.service import Principal
 from common import ids
 from common.datasets import DatasetError, DatasetSummary, StreamingValidator, ValidationLimits
+from common.ids import show_id
 from common.storage import ObjectStorage
 from models_db.base import now_ts
 from models_db.models import AuditLogEntry, File, Tenant
@@ -85,6 +86,9 @@ def create_file(
             f"Storing this file would exceed your organization's storage quota of "
             f"{tenant.max_stored_bytes} bytes; delete files you no longer need.",
             code="storage_quota_exceeded",
+            # DESIGN §3: a quota answers 429 with Retry-After. Waiting alone frees no storage,
+            # so the openai SDK is also told not to retry on its own (x-should-retry).
+            headers={"Retry-After": "60", "x-should-retry": "false"},
         )
 
     file_id = ids.new_id(ids.FILE)
@@ -128,7 +132,7 @@ def create_file(
 def get_file(session: Session, principal: Principal, file_id: str) -> File:
     row = FileRepository(session, principal.tenant_id).get_live(file_id)
     if row is None:
-        raise NotFound(f"No such File object: {file_id}", param="id")
+        raise NotFound(f"No such File object: {show_id(file_id)}", param="id")
     return row
 
 

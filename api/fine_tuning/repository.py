@@ -6,12 +6,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BindParameter, Insert, Table, and_, bindparam, insert, literal_column, select
+from sqlalchemy import (
+    BindParameter,
+    Insert,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal_column,
+    select,
+)
 
+from api.errors import BadRequest
 from api.idempotency import STORED_COLUMNS, StoredResponse, key_insert, key_matches, stored_select
 from api.pagination import check_cursor, page
 from api.scoping import TenantScopedRepository
-from common.ids import is_plausible_id
+from common import ids
+from common.ids import is_plausible_id, show_id
 from models_db.models import (
     AuditLogEntry,
     BaseModel,
@@ -164,9 +177,16 @@ class JobRepository(TenantScopedRepository[FineTuningJob]):
         self, *, after: str | None, limit: int, metadata: dict[str, str]
     ) -> tuple[Sequence[FineTuningJob], bool]:
         stmt = self.select()
+        sqlite = self.session.get_bind().dialect.name == "sqlite"
         for key, value in metadata.items():
-            stmt = stmt.where(FineTuningJob.job_metadata[key].as_string() == value)
-        return page(self.session, stmt, FineTuningJob.id, after, limit)
+            if sqlite:
+                # SQLite's dialect splices the key into a JSON path ('$."key"') unescaped, so a
+                # key holding a quote would break the query; json_each compares keys as values.
+                entry = func.json_each(FineTuningJob.job_metadata).table_valued("key", "value")
+                stmt = stmt.where(exists().where(entry.c.key == key, entry.c.value == value))
+            else:
+                stmt = stmt.where(FineTuningJob.job_metadata[key].as_string() == value)
+        return page(self.session, stmt, FineTuningJob.id, after, limit, prefix=ids.JOB)
 
     def create_inputs(
         self,
@@ -229,6 +249,8 @@ class JobRepository(TenantScopedRepository[FineTuningJob]):
     def get_for_update(self, job_id: str) -> FineTuningJob | None:
         # Row lock: cancel must not race the worker's claim (a no-op on SQLite, which
         # serializes writers anyway).
+        if not is_plausible_id(job_id):
+            return None  # a hostile id (NUL...) names nothing and never reaches the driver
         stmt = self.select().where(FineTuningJob.id == job_id).with_for_update()
         return self.session.scalars(stmt).first()
 
@@ -240,13 +262,16 @@ class JobEventRepository(TenantScopedRepository[JobEvent]):
         self, job_id: str, *, after: str | None, limit: int
     ) -> tuple[Sequence[JobEvent], bool]:
         stmt = self.select().where(JobEvent.job_id == job_id)
-        check_cursor(after)
+        check_cursor(after, ids.JOB_EVENT)
         if after:
             cursor = self.session.scalar(
                 self.select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id)
             )
-            if cursor is None:
-                return [], False
+            if cursor is None:  # events are never deleted: this one was never this job's
+                raise BadRequest(
+                    f"Invalid 'after' cursor: {show_id(after)} is not an event of this job.",
+                    param="after",
+                )
             stmt = stmt.where(JobEvent.seq < cursor)
         rows = self.session.scalars(stmt.order_by(JobEvent.seq.desc()).limit(limit + 1)).all()
         return rows[:limit], len(rows) > limit
@@ -259,4 +284,4 @@ class CheckpointRepository(TenantScopedRepository[JobCheckpoint]):
         self, job_id: str, *, after: str | None, limit: int
     ) -> tuple[Sequence[JobCheckpoint], bool]:
         stmt = self.select().where(JobCheckpoint.job_id == job_id)
-        return page(self.session, stmt, JobCheckpoint.id, after, limit)
+        return page(self.session, stmt, JobCheckpoint.id, after, limit, prefix=ids.CHECKPOINT)

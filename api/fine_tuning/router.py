@@ -37,6 +37,11 @@ def _metadata_filter(request: Request) -> dict[str, str]:
     found: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
         match = _METADATA_PARAM.match(name)
+        if match and match.group(1) in found:
+            raise BadRequest(
+                f"Metadata filter on '{match.group(1)}' was given more than once.",
+                param="metadata",
+            )
         if match and "\x00" not in value and len(value) <= 512:
             found[match.group(1)] = value
         elif name.startswith("metadata"):

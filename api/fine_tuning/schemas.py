@@ -11,9 +11,11 @@ _MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$"
 
 
 class StrictModel(BaseModel):
-    """Request bodies: unknown fields are refused, naming the field."""
+    """Request bodies: unknown fields are refused, naming the field, and values of the wrong
+    JSON type are refused rather than converted (``true`` is not 1 epoch, ``"yes"`` is not a
+    boolean); a JSON integer is still a valid float."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SupervisedHyperparameters(StrictModel):

@@ -27,6 +27,7 @@ from api.idempotency import StoredResponse
 from api.settings import APISettings
 from api.tenancy.service import Principal
 from common import ids
+from common.ids import show_id
 from common.jobs import (
     DEFAULT_QUEUE,
     RUN_JOB_TASK,
@@ -244,7 +245,7 @@ def create_job(
 def get_job(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
     job = JobRepository(session, principal.tenant_id).get(job_id)
     if job is None:
-        raise NotFound(f"Could not find fine-tune: {job_id}", param="fine_tuning_job_id")
+        raise NotFound(f"Could not find fine-tune: {show_id(job_id)}", param="fine_tuning_job_id")
     return job
 
 
@@ -327,7 +328,7 @@ def resume_job(session: Session, principal: Principal, job_id: str) -> FineTunin
 def _locked(session: Session, principal: Principal, job_id: str) -> FineTuningJob:
     job = JobRepository(session, principal.tenant_id).get_for_update(job_id)
     if job is None:
-        raise NotFound(f"Could not find fine-tune: {job_id}", param="fine_tuning_job_id")
+        raise NotFound(f"Could not find fine-tune: {show_id(job_id)}", param="fine_tuning_job_id")
     return job
 
 

@@ -33,8 +33,15 @@ class BadAuthorization(ValueError):
         self.code = code
 
 
-def bearer_token(header: str) -> str:
-    """The key of an ``Authorization: Bearer KEY`` header (the API's and the gateway's rule)."""
+def bearer_token(headers: list[str]) -> str:
+    """The key of the request's ``Authorization: Bearer KEY`` header, given every Authorization
+    header it carried (the API's and the gateway's rule). Two are refused: a proxy in front
+    could read the other one and see a different caller."""
+    if len(headers) > 1:
+        raise BadAuthorization(
+            "More than one Authorization header; send exactly one.", "invalid_api_key"
+        )
+    header = headers[0] if headers else ""
     scheme, _, token = header.partition(" ")
     if not header:
         raise BadAuthorization(

@@ -73,3 +73,46 @@ def test_oversized_upload_is_refused_without_storing(api_server: RunningApi, ten
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "file_too_large"
     assert _stored_keys(api_server, tenant.tenant_id) == []
+
+
+def test_an_upload_over_the_storage_quota_is_a_429_the_sdk_does_not_retry(
+    api_server: RunningApi, make_tenant
+) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    import openai
+
+    from models_db.models import Tenant
+    from models_db.session import transaction
+    from tests import sample_data
+
+    creds = make_tenant()
+    data = sample_data.chat_jsonl()
+    with transaction(api_server.session_factory) as session:  # type: ignore[arg-type]
+        row = session.get(Tenant, creds.tenant_id)
+        assert row is not None
+        row.max_stored_bytes = len(data) + len(data) // 2  # room for one file
+    client = openai.OpenAI(base_url=f"{api_server.base_url}/v1", api_key=creds.api_key)
+    client.files.create(file=("a.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    with httpx.Client(base_url=api_server.base_url) as http:
+        response = http.post(
+            "/v1/files",
+            files={"file": ("b.jsonl", data)},
+            data={"purpose": "fine-tune"},
+            headers={"Authorization": f"Bearer {creds.api_key}"},
+        )
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "storage_quota_exceeded"
+    assert response.headers["retry-after"] == "60"
+    # The SDK gives up at once (one request) instead of waiting out Retry-After twice.
+    sent: list[httpx.Request] = []
+    counting = openai.OpenAI(
+        base_url=f"{api_server.base_url}/v1",
+        api_key=creds.api_key,
+        max_retries=2,
+        http_client=httpx.Client(event_hooks={"request": [sent.append]}),
+    )
+    with pytest.raises(openai.RateLimitError):
+        counting.files.create(file=("b.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    assert len(sent) == 1
+    assert _stored_keys(api_server, creds.tenant_id) != []  # the first file is kept

@@ -64,8 +64,16 @@ def test_embedded_mode_smoke(tmp_path: Path) -> None:
         f = client.files.create(
             file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune"
         )
-        job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+        metadata = {'say "hi"\\': "quote", "team": "search"}
+        job = client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=f.id, metadata=metadata
+        )
         assert client.fine_tuning.jobs.retrieve(job.id).status == "validating_files"
+        # The metadata filter on SQLite, with keys that are not plain identifiers.
+        for key, value in metadata.items():
+            listed = client.fine_tuning.jobs.list(metadata={key: value}).data
+            assert [j.id for j in listed] == [job.id], key
+            assert client.fine_tuning.jobs.list(metadata={key: "other"}).data == []
         assert (tmp_path / "state" / "objects" / "tenants").is_dir()
 
         # The outbox row reached the embedded (SQLite) broker as a task message.

@@ -61,3 +61,14 @@ def test_idempotent_upload_stores_one_file(api_server: RunningApi, make_tenant) 
         }
         assert len(ids) == 1
         assert len(http.get("/v1/files").json()["data"]) == 1
+
+        # Other bytes of the same name and size under the same key: refused, not answered with
+        # the first file (which the client would then train on).
+        first = sample_data.chat_jsonl()
+        changed = first.replace(b"briefly", b"Briefly", 1)
+        assert len(changed) == len(first) and changed != first
+        other = http.post(
+            "/v1/files", files={"file": ("t.jsonl", changed)}, data={"purpose": "fine-tune"}
+        )
+        assert other.status_code == 400, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -127,6 +128,63 @@ def test_bad_requests_name_the_field(client: OpenAI) -> None:
             },
         )
     assert "CUDA" in info.value.message
+
+
+_HP = "method.supervised.hyperparameters."
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "extra", "param", "says"),
+    [
+        ({"n_epochs": True}, {}, _HP + "n_epochs", "'auto' or a valid integer"),
+        ({"n_epochs": "3"}, {}, _HP + "n_epochs", "valid integer"),
+        ({"learning_rate_multiplier": "0.5"}, {}, _HP + "learning_rate_multiplier", "number"),
+        ({"packing": "yes"}, {}, _HP + "packing", "valid boolean"),
+        ({}, {"seed": "5"}, "seed", "valid integer"),
+        ({}, {"seed": 2.0}, "seed", "valid integer"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_refused_not_converted(
+    client: OpenAI,
+    hyperparameters: dict[str, object],
+    extra: dict[str, object],
+    param: str,
+    says: str,
+) -> None:
+    f = client.files.create(
+        file=("t.jsonl", io.BytesIO(sample_data.chat_jsonl())), purpose="fine-tune"
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=f.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            extra_body=extra,
+        )
+    assert info.value.body["param"] == param  # type: ignore[index]
+    assert says in info.value.message
+    # A JSON integer is still a valid number where a float is asked for.
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"learning_rate_multiplier": 2}},
+        },
+    )
+    assert job.hyperparameters.learning_rate_multiplier == 2
+
+
+def test_a_json_syntax_error_is_reported_as_such(api_server, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    creds = make_tenant()
+    response = httpx.post(
+        f"{api_server.base_url}/v1/fine_tuning/jobs",
+        content=b'{"model": "tiny-llama", ',
+        headers={"Authorization": f"Bearer {creds.api_key}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "body" and "could not parse the JSON" in error["message"]
 
 
 def test_pagination(client: OpenAI) -> None:

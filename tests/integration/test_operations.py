@@ -36,14 +36,17 @@ def test_oversized_json_body_is_413(api_server: RunningApi, make_tenant) -> None
     body = json.dumps(
         {"model": "tiny-llama", "training_file": "x", "metadata": {"k": "v" * 2_000_000}}
     )
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
     with httpx.Client(base_url=api_server.base_url) as http:
-        response = http.post(
-            "/v1/fine_tuning/jobs",
-            content=body,
-            headers={"Authorization": f"Bearer {key}", "content-type": "application/json"},
-        )
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "request_too_large"
+        response = http.post("/v1/fine_tuning/jobs", content=body, headers=headers)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+    # Without a Content-Length (chunked): counted as it arrives, and the same answer.
+    with httpx.Client(base_url=api_server.base_url) as http:
+        chunks = (body[i : i + 65536].encode() for i in range(0, len(body), 65536))
+        response = http.post("/v1/fine_tuning/jobs", content=chunks, headers=headers)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
 
 
 def test_unknown_route_and_bad_json(api_server: RunningApi, make_tenant) -> None:  # type: ignore[no-untyped-def]
@@ -85,3 +88,70 @@ def test_openapi_lists_every_endpoint(api_server: RunningApi) -> None:
         "/metrics",
     ):
         assert path in paths, path
+
+
+def test_urls_that_name_nothing(api_server: RunningApi, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    key = make_tenant().api_key
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {key}"}
+    ) as http:
+        # A trailing slash is an unknown URL, not a redirect (to http://, behind a TLS proxy).
+        slash = http.post("/v1/fine_tuning/jobs/", json={})
+        assert slash.status_code == 404 and slash.json()["error"]["code"] == "not_found"
+        # A trailing newline is refused, not matched as if absent.
+        for path in ("/v1/models/tiny-llama%0A", "/v1/files/file-x%0D", "/v1/fine_tuning/jobs/%00"):
+            refused = http.get(path)
+            assert refused.status_code == 400, path
+            assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert http.get("/v1/models/tiny-llama").status_code == 200
+        # An id echoed in an error is cut short.
+        long_id = "file-" + "x" * 10_000
+        missing = http.get(f"/v1/files/{long_id}")
+        assert missing.status_code == 404 and len(missing.json()["error"]["message"]) < 200
+
+
+def test_pagination_cursors_must_be_ids_of_the_listed_kind(
+    api_server: RunningApi, make_tenant
+) -> None:  # type: ignore[no-untyped-def]
+    key = make_tenant().api_key
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {key}"}
+    ) as http:
+        for path, wrong in (
+            ("/v1/files", "garbage"),
+            ("/v1/files", "ftjob-01jd0000000000000000000000"),
+            ("/v1/fine_tuning/jobs", "file-01jd0000000000000000000000"),
+        ):
+            response = http.get(path, params={"after": wrong})
+            assert response.status_code == 400, (path, wrong)
+            assert response.json()["error"]["param"] == "after"
+        # An id of the right kind is a valid cursor even if it names nothing (any more).
+        gone = http.get("/v1/files", params={"after": "file-01jd0000000000000000000000"})
+        assert gone.status_code == 200
+
+
+def test_a_field_given_twice_is_refused_not_resolved_silently(  # type: ignore[no-untyped-def]
+    api_server: RunningApi, make_tenant
+) -> None:
+    from tests import sample_data
+
+    a, b = make_tenant().api_key, make_tenant().api_key
+    with httpx.Client(base_url=api_server.base_url) as http:
+        twice = http.get(
+            "/v1/files",
+            headers=[("Authorization", f"Bearer {b}"), ("Authorization", f"Bearer {a}")],
+        )
+        assert twice.status_code == 401 and "More than one" in twice.json()["error"]["message"]
+        auth = {"Authorization": f"Bearer {a}"}
+        purposes = http.post(
+            "/v1/files",
+            files=[
+                ("purpose", (None, b"assistants")),
+                ("purpose", (None, b"fine-tune")),
+                ("file", ("t.jsonl", sample_data.chat_jsonl())),
+            ],
+            headers=auth,
+        )
+        assert purposes.status_code == 400 and purposes.json()["error"]["param"] == "purpose"
+        filters = http.get("/v1/fine_tuning/jobs?metadata[team]=x&metadata[team]=y", headers=auth)
+        assert filters.status_code == 400 and filters.json()["error"]["param"] == "metadata"

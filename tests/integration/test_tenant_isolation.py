@@ -189,9 +189,9 @@ def test_other_tenants_ids_never_listed(api_server: RunningApi, world) -> None: 
                 assert secret not in text, (path, secret)
         # Cursor values from another tenant reveal nothing either.
         assert http.get("/v1/fine_tuning/jobs", params={"after": b.job_id}).status_code == 200
-        assert (
-            http.get(
-                f"/v1/fine_tuning/jobs/{a.job_id}/events", params={"after": "ftevent-x"}
-            ).json()["data"]
-            == []
-        )
+        # An event cursor that is not one of this job's events is refused the same way
+        # whether or not it exists elsewhere.
+        events = f"/v1/fine_tuning/jobs/{a.job_id}/events"
+        unknown = http.get(events, params={"after": "ftevent-01jd0000000000000000000000"})
+        assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"
+        assert "not an event of this job" in unknown.json()["error"]["message"]

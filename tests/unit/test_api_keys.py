@@ -8,18 +8,24 @@ from api.tenancy import keys
 
 
 @pytest.mark.parametrize(
-    ("header", "code"),
-    [("", "missing_api_key"), ("Basic abc", "invalid_api_key"), ("Bearer   ", "invalid_api_key")],
+    ("headers", "code"),
+    [
+        ([], "missing_api_key"),
+        ([""], "missing_api_key"),
+        (["Basic abc"], "invalid_api_key"),
+        (["Bearer   "], "invalid_api_key"),
+        (["Bearer lpx_a", "Bearer lpx_b"], "invalid_api_key"),
+    ],
 )
-def test_bad_authorization_headers_name_the_problem(header: str, code: str) -> None:
+def test_bad_authorization_headers_name_the_problem(headers: list[str], code: str) -> None:
     with pytest.raises(keys.BadAuthorization) as caught:
-        keys.bearer_token(header)
+        keys.bearer_token(headers)
     assert caught.value.code == code
 
 
 def test_the_bearer_key_is_taken_whatever_the_scheme_case() -> None:
     key = keys.generate_key()
-    assert keys.bearer_token(f"bearer {key} ") == key
+    assert keys.bearer_token([f"bearer {key} "]) == key
     assert keys.looks_like_key(key)
 
 
