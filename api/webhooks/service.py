@@ -35,7 +35,9 @@ class EndpointRepository(TenantScopedRepository[WebhookEndpoint]):
     def get_live(self, endpoint_id: str) -> WebhookEndpoint:
         row = self.get(endpoint_id)
         if row is None or row.deleted_at is not None:
-            raise NotFound(f"No webhook endpoint found with id '{endpoint_id}'.", param="id")
+            raise NotFound(
+                f"No webhook endpoint found with id '{ids.show_id(endpoint_id)}'.", param="id"
+            )
         return row
 
 
@@ -113,7 +115,7 @@ def list_endpoints(
 ) -> tuple[Sequence[WebhookEndpoint], bool]:
     repo = EndpointRepository(session, principal.tenant_id)
     stmt = repo.select().where(WebhookEndpoint.deleted_at.is_(None))
-    return page(session, stmt, WebhookEndpoint.id, after, limit)
+    return page(session, stmt, WebhookEndpoint.id, after, limit, prefix=ids.WEBHOOK_ENDPOINT)
 
 
 def update(
@@ -226,6 +228,7 @@ def list_deliveries(
         WebhookDelivery.id,
         after,
         limit,
+        prefix=ids.WEBHOOK_DELIVERY,
     )
     attempts: dict[str, list[WebhookAttempt]] = {r.id: [] for r in rows}
     if rows:
@@ -248,7 +251,9 @@ def replay(
     endpoint = EndpointRepository(session, principal.tenant_id).get_live(endpoint_id)
     row = DeliveryRepository(session, principal.tenant_id).get(delivery_id)
     if row is None or row.endpoint_id != endpoint.id:
-        raise NotFound(f"No delivery found with id '{delivery_id}'.", param="delivery_id")
+        raise NotFound(
+            f"No delivery found with id '{ids.show_id(delivery_id)}'.", param="delivery_id"
+        )
     row.status = "pending"
     row.next_attempt_at_ms = int(time.time() * 1000)
     row.delivered_at = None
