@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
-    """Re-queue (or fail, past max_attempts) jobs with an expired lease; returns how many."""
+    """Re-queue (or fail, past max_attempts; or pause, when a pause is pending) jobs with an
+    expired lease; returns how many."""
     now = now_ts()
     handled = 0
     for job in expired_jobs(session, now):
@@ -33,6 +34,19 @@ def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
             }
             add_event(session, job, f"Worker {lost} stopped responding; job failed.", level="error")
             emit_job_finished(session, job.id)
+        elif job.pause_requested_at is not None:
+            # The tenant asked for a pause: honour it instead of starting the job again (the
+            # latest recorded checkpoint is where a resume continues).
+            job.status = JobStatus.PAUSED
+            job.pause_requested_at = None
+            add_event(
+                session,
+                job,
+                f"Worker {lost} stopped responding; the job is paused as requested (attempt "
+                f"{job.attempt} of {job.max_attempts} used). Resume it to continue from its "
+                "last checkpoint.",
+                level="warn",
+            )
         else:
             job.status = JobStatus.QUEUED
             add_event(

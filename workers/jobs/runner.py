@@ -63,6 +63,7 @@ def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
 
 @dataclass
 class _Outcome:
+    started: bool = False
     done: dict[str, Any] | None = None
     paused_step: int | None = None
     error: str | None = None
@@ -82,7 +83,11 @@ class JobRun:
 
     def run(self) -> None:
         try:
+            if self._paused_before_start():
+                return
             spec_path = self._prepare()
+            if self._paused_before_start():  # asked for while the inputs were downloading
+                return
             self._supervise(spec_path)
         except repo.LostJob:
             log.warning("job %s attempt %s was taken over; stopping", *self._ids())
@@ -97,11 +102,26 @@ class JobRun:
 
     # -- preparation -----------------------------------------------------------------------
 
+    def _paused_before_start(self) -> bool:
+        """A pause that is pending before the training process starts ends the attempt here,
+        with the job paused: its latest recorded checkpoint is where a resume continues."""
+        with transaction(self.ctx.session_factory) as session:
+            flags = repo.touch(session, self.claim, self.settings.lease_seconds)
+            if not flags.pause_requested:
+                return False
+            repo.finish(session, self.claim, JobStatus.PAUSED)
+            repo.add_event(
+                session,
+                self.claim,
+                "Job paused before training started; resume it to continue from its last "
+                "checkpoint.",
+            )
+        return True
+
     def _prepare(self) -> Path:
         from workers.training.spec import TrainingSpec
 
         with transaction(self.ctx.session_factory) as session:
-            repo.touch(session, self.claim, self.settings.lease_seconds)
             job = session.get(FineTuningJob, self.claim.job_id)
             assert job is not None and job.artifacts is not None
             base = session.get(BaseModel, job.base_model_id)
@@ -189,7 +209,9 @@ class JobRun:
                         proc.stop(self.settings.cancel_grace_seconds)
                         self._finish_cancelled()
                         return
-                    if flags.pause_requested and not pause_sent:
+                    # Only once the child said it started: its handler is installed by then,
+                    # and SIGUSR1's default action, before that, is to end the process.
+                    if flags.pause_requested and outcome.started and not pause_sent:
                         proc.signal(signal.SIGUSR1)
                         pause_sent = True
         except BaseException:
@@ -210,6 +232,7 @@ class JobRun:
     def _handle(self, event: dict[str, Any], outcome: _Outcome) -> None:
         kind = event.get("type")
         if kind == "started":
+            outcome.started = True
             outcome.total_steps = event.get("total_steps")
             resumed = event.get("resumed_from_step")
             text = (
@@ -424,7 +447,18 @@ class JobRun:
             with transaction(self.ctx.session_factory) as session:
                 job = session.get(FineTuningJob, self.claim.job_id)
                 assert job is not None
-                if job.attempt >= job.max_attempts:
+                if job.attempt < job.max_attempts and job.pause_requested_at is not None:
+                    # Paused rather than retried: the tenant asked for it, and a retry would
+                    # only be stopped again.
+                    repo.finish(session, self.claim, JobStatus.PAUSED)
+                    repo.add_event(
+                        session,
+                        self.claim,
+                        f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}. The job "
+                        "is paused as requested; resume it to retry from its last checkpoint.",
+                        level="warn",
+                    )
+                elif job.attempt >= job.max_attempts:
                     repo.finish(
                         session,
                         self.claim,

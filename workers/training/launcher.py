@@ -9,8 +9,9 @@ and orphan the ranks) nor takes its ranks down when it is killed. So for N > 1 t
 
 * relays the ranks' event lines to its own stdout, keeping the first terminal event
   (done/paused/error) and reporting an error if the group dies without one;
-* on SIGUSR1 creates a sentinel file the ranks poll after every step (progress.py), so the whole
-  group pauses after the same step;
+* on SIGUSR1 (also one that arrived before torchrun was started: pause_signal.py) creates a
+  sentinel file the ranks poll after every step (progress.py), so the whole group pauses after
+  the same step;
 * on SIGTERM terminates the group; if it is killed outright, the group follows, because torchrun
   and every rank ask the kernel to SIGKILL them when their parent dies (``die_with_parent``).
 
@@ -31,6 +32,7 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
+from workers.training import pause_signal
 from workers.training.events import EventStream
 
 PAUSE_FILE_ENV = "LORAPLEX_PAUSE_FILE"  # read by progress.PauseRequest
@@ -70,8 +72,11 @@ def die_with_parent() -> None:
 
 def run_distributed(spec_path: str, nproc: int, events: EventStream) -> int:
     """Run the recipe under torchrun as a child group; relay its events; return the exit code."""
+    pause_signal.install()  # run.py did already; a caller that is not run.py gets it here
     sentinel_dir = Path(tempfile.mkdtemp(prefix="loraplex-pause-"))
     sentinel = sentinel_dir / "pause"
+    # A pause asked for at any time, before the group is started included, reaches every rank.
+    forget_pause = pause_signal.when_requested(sentinel.touch)
     env = {**os.environ, PAUSE_FILE_ENV: str(sentinel)}
     child = subprocess.Popen(
         torchrun_command(spec_path, nproc),
@@ -85,15 +90,11 @@ def run_distributed(spec_path: str, nproc: int, events: EventStream) -> int:
     )
     terminated = False
 
-    def on_pause(signum: int, frame: FrameType | None) -> None:
-        sentinel.touch()
-
     def on_terminate(signum: int, frame: FrameType | None) -> None:
         nonlocal terminated
         terminated = True
         _signal_group(child, signal.SIGTERM)
 
-    signal.signal(signal.SIGUSR1, on_pause)
     signal.signal(signal.SIGTERM, on_terminate)
     terminal: str | None = None
     try:
@@ -117,6 +118,7 @@ def run_distributed(spec_path: str, nproc: int, events: EventStream) -> int:
         if child.poll() is None:
             _signal_group(child, signal.SIGKILL)
             child.wait()
+        forget_pause()
         sentinel.unlink(missing_ok=True)
         sentinel_dir.rmdir()
     if terminated:

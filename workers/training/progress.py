@@ -1,10 +1,10 @@
 """Turns the trainer's progress into events, counts tokens and training time, and pauses on SIGUSR1.
 
-Pause: the SIGUSR1 handler only sets a flag (or, under the multi-process launcher, the launcher
-creates a sentinel file named by ``LORAPLEX_PAUSE_FILE``). After each optimizer step the flag is
-combined across processes (one tiny all-reduce), so every process stops after the same step; the
-trainer then writes the checkpoint of that step, its event goes out, and the run ends with
-``paused``.
+Pause: SIGUSR1 only sets a flag, installed when the process starts (pause_signal.py); under the
+multi-process launcher, the launcher creates a sentinel file named by ``LORAPLEX_PAUSE_FILE``.
+After each optimizer step the flag is combined across processes (one tiny all-reduce), so every
+process stops after the same step; the trainer then writes the checkpoint of that step, its event
+goes out, and the run ends with ``paused``.
 
 Training time, for tokens/s, is wall time minus logging, evaluation and checkpointing: each of
 those callbacks marks when it ended, and a step's time runs from the latest mark to its
@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from workers.training import pause_signal
 from workers.training.events import EventStream
 from workers.training.launcher import PAUSE_FILE_ENV
 
@@ -36,18 +35,15 @@ class PauseRequest:
     """Set by SIGUSR1 (or the launcher's sentinel file); read after each step."""
 
     def __init__(self) -> None:
-        self._requested = False
         sentinel = os.environ.get(PAUSE_FILE_ENV)
         self._sentinel = Path(sentinel) if sentinel else None
 
     def install(self) -> None:
-        signal.signal(signal.SIGUSR1, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._requested = True
+        """Make sure SIGUSR1 sets the flag (run.py did so already when it is the entry point)."""
+        pause_signal.install()
 
     def requested_here(self) -> bool:
-        return self._requested or (self._sentinel is not None and self._sentinel.exists())
+        return pause_signal.requested() or (self._sentinel is not None and self._sentinel.exists())
 
     def agreed(self) -> bool:
         """Whether any process was asked to pause (a collective call under DDP)."""

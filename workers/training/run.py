@@ -2,7 +2,9 @@
 
 Events go to stdout as JSON lines (events.py), human-readable logs to stderr. Exit 0 after
 ``done`` or ``paused``, 1 after ``error``. SIGUSR1 pauses at the next step boundary (checkpoint,
-then ``paused``); SIGTERM ends the process at once (the default action: cancel needs no cleanup).
+then ``paused``), however early it arrives: its handler is the first thing this module installs
+(pause_signal.py). SIGTERM ends the process at once (the default action: cancel needs no
+cleanup).
 
 With ``nproc > 1`` (from the spec, or ``--nproc``), this process becomes the launcher of a
 torchrun group (launcher.py) and relays its events; under torchrun (``LOCAL_RANK`` set) it is
@@ -11,12 +13,18 @@ one rank of that group.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
-import time
-import traceback
+# First of all: from here on a pause request (SIGUSR1) only sets a flag. Its default action would
+# end the process, and the worker may send it while torch and the model are still loading.
+from workers.training import pause_signal
+
+pause_signal.install()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
 
 _STARTED = time.monotonic()
 

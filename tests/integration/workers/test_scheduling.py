@@ -163,3 +163,28 @@ def test_reaper_fails_a_job_past_max_attempts(factory) -> None:  # type: ignore[
         ).all()
     assert any("re-queued" in m for m in messages)
     assert len(wakeups) == 2  # after the first two losses, not after the last
+
+
+def test_reaper_pauses_a_lost_job_whose_pause_was_requested(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    claim = _claim(factory, "w1")
+    assert claim is not None
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None
+        job.pause_requested_at = now_ts()  # the tenant paused, then the worker died
+        job.lease_until = now_ts() - 1
+    with transaction(factory) as session:
+        assert reap(session) == 1
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status == JobStatus.PAUSED
+        assert job.pause_requested_at is None and job.worker_id is None
+        messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+        wakeups = session.scalars(
+            select(OutboxMessage).where(OutboxMessage.args[0].as_string() == job_id)
+        ).all()
+    assert any("paused as requested" in m for m in messages)
+    assert wakeups == []  # nothing runs it until the tenant resumes it
+    assert _claim(factory, "w2") is None

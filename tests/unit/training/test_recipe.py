@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,28 @@ def test_sigusr1_pauses_with_a_checkpoint_and_the_run_resumes(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.events[0]["resumed_from_step"] == checkpoint["step"]
     assert adapter_hashes(paused) == adapter_hashes(spec)
+
+
+def test_a_pause_while_torch_is_still_loading_pauses_after_the_first_step(
+    tiny_model: Path, facts: Path, tmp_path: Path
+) -> None:
+    """The worker may pass on a pause at any time; SIGUSR1's default action is to end the
+    process, so the handler must be in place long before the recipe gets to training."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc to see when torch is being loaded")
+    spec = short_run(tiny_model, facts, tmp_path, checkpoint_every_steps=0)
+    proc = start_spec(spec, tmp_path / "spec.json")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "torch was never loaded"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)
+    events = list(read_events(proc))
+
+    assert proc.wait(timeout=120) == 0, events
+    assert [e["type"] for e in events][-2:] == ["checkpoint", "paused"]
+    assert events[-1]["step"] == events[-2]["step"] == 1
 
 
 def test_a_missing_base_model_is_a_clear_error(tmp_path: Path, facts: Path) -> None:
