@@ -5,14 +5,16 @@ Rules, following OpenAI's fine-tuning file validation:
 - roles are ``system``, ``developer`` (treated like system), ``user``, ``assistant`` and
   ``tool``;
 - ``content`` is a string or an array of ``{"type": "text", "text": ...}`` parts (images and
-  audio cannot be trained on here); user and assistant content must not be empty, except that
-  an assistant message that makes ``tool_calls`` may have no content;
+  audio cannot be trained on here); user and assistant content must not be empty or only
+  whitespace, except that an assistant message that makes ``tool_calls`` may have no content;
+- a tool call's ``arguments`` is a string holding JSON, as the model will be taught to write;
 - ``weight`` (0 or 1, the integer, not ``true`` or ``"1"``) is allowed on assistant messages
   of supervised examples only; weight 0 means "context, do not learn this turn".
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from common.datasets.errors import ErrorCode, RecordError, json_type, show
@@ -126,10 +128,10 @@ def check_message(message: Any, where: str, *, allow_weight: bool) -> tuple[str,
             f"the content of {where} ({role}) is {state}; it must be a string",
         )
     text = content_text(content, where)
-    if not text and role in _NEEDS_TEXT and not has_tool_calls:
+    if not text.strip() and role in _NEEDS_TEXT and not has_tool_calls:
         raise RecordError(
             ErrorCode.MISSING_CONTENT,
-            f"the content of {where} ({role}) is empty",
+            f"the content of {where} ({role}) is {'empty' if not text else 'only whitespace'}",
         )
     return role, weight
 
@@ -201,6 +203,14 @@ def _check_tool_fields(message: dict[str, Any], role: str, where: str) -> bool:
                 f'{call_where} must look like {{"id": ..., "type": "function", '
                 '"function": {"name": "...", "arguments": "<JSON string>"}}',
             )
+        try:
+            json.loads(function["arguments"])
+        except (ValueError, RecursionError):
+            raise RecordError(
+                ErrorCode.INVALID_MESSAGES,
+                f"'{call_where}.function.arguments' is not valid JSON: "
+                f"{show(function['arguments'])}",
+            ) from None
     return True
 
 
