@@ -126,6 +126,10 @@ def create_job(
     method = _resolve_method(request)
     method_type: str = method["type"]
     params: dict[str, Any] = method[method_type]["hyperparameters"]
+    # Errors name the field where the client put it (the legacy top level, or inside method).
+    where = (
+        "hyperparameters." if request.method is None else f"method.{method_type}.hyperparameters."
+    )
 
     if request.model.startswith("ft:"):
         raise BadRequest(
@@ -145,7 +149,7 @@ def create_job(
         raise BadRequest(
             f"quantization={params['quantization']!r} needs CUDA training workers, and this "
             "deployment has only CPU workers; use quantization 'none'.",
-            param=f"method.{method_type}.hyperparameters.quantization",
+            param=where + "quantization",
             code="unsupported_on_this_deployment",
         )
     max_seq_len = params["max_seq_len"]
@@ -153,7 +157,7 @@ def create_job(
         raise BadRequest(
             f"max_seq_len {max_seq_len} exceeds the context length of {base.id} "
             f"({base.context_length}).",
-            param=f"method.{method_type}.hyperparameters.max_seq_len",
+            param=where + "max_seq_len",
         )
 
     training = _checked_file(

@@ -128,6 +128,15 @@ def test_bad_requests_name_the_field(client: OpenAI) -> None:
             },
         )
     assert "CUDA" in info.value.message
+    assert info.value.body["param"] == "method.supervised.hyperparameters.quantization"  # type: ignore[index]
+    # The legacy top-level hyperparameters: the error names the field where it was sent.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=f.id,
+            extra_body={"hyperparameters": {"quantization": "4bit"}},
+        )
+    assert info.value.body["param"] == "hyperparameters.quantization"  # type: ignore[index]
 
 
 _HP = "method.supervised.hyperparameters."
