@@ -163,10 +163,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        param = None
         if exc.status_code == 404:
             message = "Unknown request URL. Please check the URL and method."
+        elif exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's answer to a body it could not decode at all (invalid UTF-8, a number
+            # of thousands of digits, nesting deeper than the parser's stack).
+            message = (
+                "We could not parse the JSON body of your request (invalid UTF-8, a number "
+                "too long, or nesting too deep)."
+            )
+            param, code = "body", "invalid_request"
         return JSONResponse(
-            error_body(message, "invalid_request_error", None, code),
+            error_body(message, "invalid_request_error", param, code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

@@ -194,6 +194,19 @@ def test_a_json_syntax_error_is_reported_as_such(api_server, make_tenant) -> Non
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "body" and "could not parse the JSON" in error["message"]
+    # Bodies the JSON decoder cannot even start on: the same field, the same words.
+    for body in (b'{"model": "tiny\xffllama"}', b'{"seed": 1' + b"0" * 5000 + b"}"):
+        response = httpx.post(
+            f"{api_server.base_url}/v1/fine_tuning/jobs",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {creds.api_key}",
+                "Content-Type": "application/json",
+            },
+        )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == "body" and "could not parse the JSON" in error["message"]
 
 
 def test_pagination(client: OpenAI) -> None:
