@@ -61,6 +61,12 @@ async def create_file(
             raise BadRequest(f"'{field}' was given more than once.", param=field)
     upload = form.get("file")
     purpose = form.get("purpose")
+    if isinstance(upload, str):  # a part without a (plain, non-empty) filename
+        raise BadRequest(
+            "'file' was sent as a plain form field: send it as a file part with a filename "
+            '(Content-Disposition: form-data; name="file"; filename="train.jsonl").',
+            param="file",
+        )
     if not isinstance(upload, UploadFile):
         raise BadRequest("Missing required parameter: 'file'.", param="file")
     if not isinstance(purpose, str):

@@ -155,3 +155,19 @@ def test_a_field_given_twice_is_refused_not_resolved_silently(  # type: ignore[n
         assert purposes.status_code == 400 and purposes.json()["error"]["param"] == "purpose"
         filters = http.get("/v1/fine_tuning/jobs?metadata[team]=x&metadata[team]=y", headers=auth)
         assert filters.status_code == 400 and filters.json()["error"]["param"] == "metadata"
+
+
+def test_a_file_sent_without_a_filename_is_named_as_the_problem(  # type: ignore[no-untyped-def]
+    api_server: RunningApi, make_tenant
+) -> None:
+    from tests import sample_data
+
+    key = make_tenant().api_key
+    response = httpx.post(
+        f"{api_server.base_url}/v1/files",
+        files=[("purpose", (None, b"fine-tune")), ("file", ("", sample_data.chat_jsonl()))],
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "file" and "filename" in error["message"]
