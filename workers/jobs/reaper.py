@@ -17,13 +17,24 @@ log = logging.getLogger(__name__)
 
 
 def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
-    """Re-queue (or fail, past max_attempts; or pause, when a pause is pending) jobs with an
-    expired lease; returns how many."""
+    """Re-queue jobs with an expired lease (or cancel, fail past max_attempts, or pause, when
+    the tenant asked for it); returns how many."""
     now = now_ts()
     handled = 0
     for job in expired_jobs(session, now):
         lost = job.worker_id or "unknown"
-        if job.attempt >= job.max_attempts:
+        if job.cancel_requested_at is not None:
+            # A cancel the API acknowledged is what the tenant gets, whatever else is due.
+            job.status = JobStatus.CANCELLED
+            job.finished_at = now
+            add_event(
+                session,
+                job,
+                f"Worker {lost} stopped responding; the job is cancelled as requested; no "
+                "model was published.",
+            )
+            emit_job_finished(session, job.id)
+        elif job.attempt >= job.max_attempts:
             job.status = JobStatus.FAILED
             job.finished_at = now
             job.error = {

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, select, text, update
+from sqlalchemy import and_, case, func, literal, null, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from common import ids
@@ -143,20 +143,44 @@ def touch(session: Session, claim: Claim, lease_seconds: int) -> Flags:
     return Flags(row.cancel_requested_at is not None, row.pause_requested_at is not None)
 
 
-def finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> None:
-    """Move a claimed job out of `running` (fenced)."""
+def finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> JobStatus:
+    """Move a claimed job out of `running` (fenced); returns the status written.
+
+    A cancel the API acknowledged wins over pausing, retrying or failing: the job ends
+    `cancelled` (decided in the statement itself, so a cancel committed just before counts).
+    Success is not overridden here: the publish checks the flag before it creates anything.
+    """
+    now = now_ts()
     extra: dict[str, Any] = {"worker_id": None, "lease_until": None}
-    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
-        extra["finished_at"] = now_ts()
     if status == JobStatus.PAUSED:
         extra["pause_requested_at"] = None
-    result = session.execute(
-        update(FineTuningJob).where(_fenced(claim)).values(status=status, **extra, **values)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
+    if status in (JobStatus.PAUSED, JobStatus.QUEUED, JobStatus.FAILED):
+        cancelled = FineTuningJob.cancel_requested_at.is_not(None)
+        extra["status"] = case((cancelled, JobStatus.CANCELLED.value), else_=status.value)
+        extra["finished_at"] = (
+            now if status == JobStatus.FAILED else case((cancelled, now), else_=null())
+        )
+        if "error" in values:
+            error = values.pop("error")
+            extra["error"] = case(
+                (cancelled, null()), else_=literal(error, FineTuningJob.error.type)
+            )
+    else:
+        extra["status"] = status
+        if status in TERMINAL_STATUSES:
+            extra["finished_at"] = now
+    written = session.execute(
+        update(FineTuningJob)
+        .where(_fenced(claim))
+        .values(**extra, **values)
+        .returning(FineTuningJob.status)
+    ).scalar_one_or_none()
+    if written is None:
         raise LostJob(claim.job_id)
-    if status in TERMINAL_STATUSES:
+    result = JobStatus(written)
+    if result in TERMINAL_STATUSES:
         emit_job_finished(session, claim.job_id)
+    return result
 
 
 def latest_checkpoint(session: Session, job_id: str) -> JobCheckpoint | None:

@@ -40,6 +40,8 @@ from workers.jobs.validation import local_tokenized
 
 log = logging.getLogger(__name__)
 
+_CANCELLED = "Fine-tuning job cancelled; no model was published."
+
 
 def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
     """Claim and run jobs until none is claimable (or ``max_jobs`` ran); returns the count."""
@@ -83,10 +85,10 @@ class JobRun:
 
     def run(self) -> None:
         try:
-            if self._paused_before_start():
+            if self._stopped_before_start():
                 return
             spec_path = self._prepare()
-            if self._paused_before_start():  # asked for while the inputs were downloading
+            if self._stopped_before_start():  # asked for while the inputs were downloading
                 return
             self._supervise(spec_path)
         except repo.LostJob:
@@ -102,18 +104,20 @@ class JobRun:
 
     # -- preparation -----------------------------------------------------------------------
 
-    def _paused_before_start(self) -> bool:
-        """A pause that is pending before the training process starts ends the attempt here,
-        with the job paused: its latest recorded checkpoint is where a resume continues."""
+    def _stopped_before_start(self) -> bool:
+        """A cancel or pause that is pending before the training process starts ends the
+        attempt here (paused: the latest recorded checkpoint is where a resume continues)."""
         with transaction(self.ctx.session_factory) as session:
             flags = repo.touch(session, self.claim, self.settings.lease_seconds)
-            if not flags.pause_requested:
+            if not (flags.cancel_requested or flags.pause_requested):
                 return False
-            repo.finish(session, self.claim, JobStatus.PAUSED)
+            status = repo.finish(session, self.claim, JobStatus.PAUSED)
             repo.add_event(
                 session,
                 self.claim,
-                "Job paused before training started; resume it to continue from its last "
+                _CANCELLED
+                if status == JobStatus.CANCELLED
+                else "Job paused before training started; resume it to continue from its last "
                 "checkpoint.",
             )
         return True
@@ -218,8 +222,11 @@ class JobRun:
             proc.stop(self.settings.cancel_grace_seconds)
             raise
         code = proc.wait()
-        self._heartbeat()  # flush buffered events; raises LostJob if fenced out meanwhile
-        if outcome.done is not None and code == 0:
+        # Flush buffered events (raises LostJob if fenced out meanwhile); a cancel that came
+        # in while the child was finishing wins over whatever it finished with.
+        if self._heartbeat().cancel_requested:
+            self._finish_cancelled()
+        elif outcome.done is not None and code == 0:
             self._publish(outcome)
         elif outcome.paused_step is not None and code == 0:
             self._finish_paused(outcome.paused_step)
@@ -321,6 +328,8 @@ class JobRun:
     # -- endings ---------------------------------------------------------------------------
 
     def _publish(self, outcome: _Outcome) -> None:
+        """Upload the adapter, check parity, then create the model in one transaction, unless
+        the job was cancelled meanwhile: then nothing is recorded and the upload is deleted."""
         assert outcome.done is not None
         job_id, _attempt = self._ids()
         adapter_dir = Path(outcome.done["adapter_dir"])
@@ -354,42 +363,61 @@ class JobRun:
             self._parity_failed(parity)
             return
         with transaction(self.ctx.session_factory) as session:
-            repo.touch(session, self.claim, self.settings.lease_seconds)
-            if parity is not None:
-                repo.add_event(session, self.claim, _parity_message(parity))
-            repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
-            session.add_all(
-                [
-                    FineTunedModel(
-                        id=name,
-                        tenant_id=self.claim.tenant_id,
-                        job_id=job_id,
-                        base_model_id=base_model,
-                        storage_prefix=prefix,
-                        manifest_sha256=digest,
-                        lora_rank=int(params["lora_rank"]),
+            # The row lock this update takes holds off an API cancel until the commit, and a
+            # cancel committed before it is seen here.
+            if repo.touch(session, self.claim, self.settings.lease_seconds).cancel_requested:
+                repo.finish(session, self.claim, JobStatus.CANCELLED)
+                repo.add_event(session, self.claim, _CANCELLED)
+                published = False
+            else:
+                published = True
+                if parity is not None:
+                    repo.add_event(session, self.claim, _parity_message(parity))
+                repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
+                session.add_all(
+                    [
+                        FineTunedModel(
+                            id=name,
+                            tenant_id=self.claim.tenant_id,
+                            job_id=job_id,
+                            base_model_id=base_model,
+                            storage_prefix=prefix,
+                            manifest_sha256=digest,
+                            lora_rank=int(params["lora_rank"]),
+                        ),
+                        UsageRecord(
+                            tenant_id=self.claim.tenant_id,
+                            kind="trained_tokens",
+                            quantity=int(trained_tokens or 0),
+                            model=name,
+                            job_id=job_id,
+                        ),
+                    ]
+                )
+                loss = metrics.get("train_loss")
+                repo.add_event(
+                    session,
+                    self.claim,
+                    f"New fine-tuned model created: {name}"
+                    + (
+                        f" (final training loss {loss:.4f})"
+                        if isinstance(loss, int | float)
+                        else ""
                     ),
-                    UsageRecord(
-                        tenant_id=self.claim.tenant_id,
-                        kind="trained_tokens",
-                        quantity=int(trained_tokens or 0),
-                        model=name,
-                        job_id=job_id,
-                    ),
-                ]
-            )
-            loss = metrics.get("train_loss")
-            repo.add_event(
-                session,
-                self.claim,
-                f"New fine-tuned model created: {name}"
-                + (f" (final training loss {loss:.4f})" if isinstance(loss, int | float) else ""),
-                data={
-                    "fine_tuned_model": name,
-                    **{k: v for k, v in metrics.items() if v is not None},
-                },
-            )
-            repo.add_event(session, self.claim, "The job has successfully completed.")
+                    data={
+                        "fine_tuned_model": name,
+                        **{k: v for k, v in metrics.items() if v is not None},
+                    },
+                )
+                repo.add_event(session, self.claim, "The job has successfully completed.")
+        if not published:
+            self._delete_quietly(prefix)
+
+    def _delete_quietly(self, prefix: str) -> None:
+        try:
+            self.ctx.storage.delete_prefix(f"{prefix}/")
+        except Exception:  # left behind: nothing points at it
+            log.warning("could not delete %s", prefix, exc_info=True)
 
     def _check_parity(
         self, sample: dict[str, Any] | None, name: str, base_model: str, prefix: str, digest: str
@@ -420,67 +448,63 @@ class JobRun:
             + ". The model was not published."
         )
         with transaction(self.ctx.session_factory) as session:
-            repo.finish(
+            status = repo.finish(
                 session,
                 self.claim,
                 JobStatus.FAILED,
                 error={"code": "parity_mismatch", "message": message, "param": None},
             )
             repo.add_event(session, self.claim, message, level="error")
+            if status == JobStatus.CANCELLED:
+                repo.add_event(session, self.claim, _CANCELLED)
 
     def _finish_paused(self, step: int) -> None:
         with transaction(self.ctx.session_factory) as session:
-            repo.finish(session, self.claim, JobStatus.PAUSED)
+            status = repo.finish(session, self.claim, JobStatus.PAUSED)
             repo.add_event(
-                session, self.claim, f"Job paused at step {step}; resume it to continue."
+                session,
+                self.claim,
+                _CANCELLED
+                if status == JobStatus.CANCELLED
+                else f"Job paused at step {step}; resume it to continue.",
             )
 
     def _finish_cancelled(self) -> None:
         with transaction(self.ctx.session_factory) as session:
             repo.finish(session, self.claim, JobStatus.CANCELLED)
-            repo.add_event(
-                session, self.claim, "Fine-tuning job cancelled; no model was published."
-            )
+            repo.add_event(session, self.claim, _CANCELLED)
 
     def _attempt_failed(self, reason: str) -> None:
         try:
             with transaction(self.ctx.session_factory) as session:
                 job = session.get(FineTuningJob, self.claim.job_id)
                 assert job is not None
-                if job.attempt < job.max_attempts and job.pause_requested_at is not None:
-                    # Paused rather than retried: the tenant asked for it, and a retry would
-                    # only be stopped again.
-                    repo.finish(session, self.claim, JobStatus.PAUSED)
-                    repo.add_event(
-                        session,
-                        self.claim,
-                        f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}. The job "
-                        "is paused as requested; resume it to retry from its last checkpoint.",
-                        level="warn",
-                    )
-                elif job.attempt >= job.max_attempts:
-                    repo.finish(
+                failed = f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}."
+                if job.attempt >= job.max_attempts:
+                    status = repo.finish(
                         session,
                         self.claim,
                         JobStatus.FAILED,
                         error={"code": "training_failed", "message": reason, "param": None},
                     )
-                    repo.add_event(
-                        session,
-                        self.claim,
-                        f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}. "
-                        "The job has failed.",
-                        level="error",
+                    then = "The job has failed."
+                elif job.pause_requested_at is not None:
+                    # Paused rather than retried: the tenant asked for it, and a retry would
+                    # only be stopped again.
+                    status = repo.finish(session, self.claim, JobStatus.PAUSED)
+                    then = (
+                        "The job is paused as requested; resume it to retry from its last "
+                        "checkpoint."
                     )
                 else:
-                    repo.finish(session, self.claim, JobStatus.QUEUED)
-                    repo.add_event(
-                        session,
-                        self.claim,
-                        f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}. Retrying.",
-                        level="warn",
-                    )
+                    status = repo.finish(session, self.claim, JobStatus.QUEUED)
+                    then = "Retrying."
+                if status == JobStatus.CANCELLED:
+                    then = "The job is cancelled as requested; no model was published."
+                elif status == JobStatus.QUEUED:
                     repo.enqueue_wakeup(session, self.claim.tenant_id, self.claim.job_id)
+                level = "error" if status == JobStatus.FAILED else "warn"
+                repo.add_event(session, self.claim, f"{failed} {then}", level=level)
         except repo.LostJob:
             log.warning("job %s attempt %s: failure not recorded, attempt superseded", *self._ids())
 

@@ -87,3 +87,70 @@ def test_an_attempt_that_fails_with_a_pause_pending_pauses_the_job(
     assert job.attempt == 1
     assert any("No space left on device" in m and "paused as requested" in m for m in messages)
     _paused_then_resumed_to_the_end(jobs, job_id)
+
+
+def _cancelled_and_nothing_published(jobs: Jobs, job_id: str) -> None:
+    job = jobs.job(job_id)
+    messages = jobs.messages(job_id)
+    assert job.status == JobStatus.CANCELLED, messages
+    assert job.fine_tuned_model is None and job.error is None
+    assert jobs.models(job_id) == [] and jobs.usage(job_id) == []
+    assert jobs.webhooks(job_id) == ["fine_tuning.job.cancelled"]
+    assert jobs.ctx.storage.list_keys(f"tenants/{jobs.tenant_id}/models/") == []
+
+
+def test_a_cancel_during_the_publish_publishes_nothing(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = jobs.queued()
+    real = runner.upload_folder
+
+    def upload(*args: Any) -> Any:
+        uploaded = real(*args)
+        if "/models/" in args[2]:
+            jobs.request(job_id, "cancel")  # after the adapter upload, before the final commit
+        return uploaded
+
+    monkeypatch.setattr(runner, "upload_folder", upload)
+    jobs.run()
+
+    _cancelled_and_nothing_published(jobs, job_id)
+
+
+@pytest.mark.parametrize("ending", ["done", "paused"])
+def test_a_cancel_as_the_training_process_ends_cancels_the_job(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    job_id = jobs.queued()
+
+    class CancelledAsItEnds(runner.TrainingProcess):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if ending == "paused":
+                jobs.request(job_id, "pause")
+
+        def wait(self) -> int:
+            code = super().wait()
+            jobs.request(job_id, "cancel")  # the child has exited, the attempt is not over
+            return code
+
+    monkeypatch.setattr(runner, "TrainingProcess", CancelledAsItEnds)
+    jobs.run()
+
+    _cancelled_and_nothing_published(jobs, job_id)
+
+
+def test_an_attempt_that_fails_with_a_cancel_pending_cancels_the_job(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = jobs.queued()
+
+    def failing_download(*args: Any) -> Any:
+        jobs.request(job_id, "cancel")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(runner, "local_tokenized", failing_download)
+    jobs.run()
+
+    _cancelled_and_nothing_published(jobs, job_id)
+    assert jobs.job(job_id).attempt == 1

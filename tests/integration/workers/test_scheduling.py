@@ -188,3 +188,63 @@ def test_reaper_pauses_a_lost_job_whose_pause_was_requested(factory) -> None:  #
     assert any("paused as requested" in m for m in messages)
     assert wakeups == []  # nothing runs it until the tenant resumes it
     assert _claim(factory, "w2") is None
+
+
+def test_reaper_cancels_a_lost_job_whose_cancel_was_requested(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    for attempt in range(1, 4):  # the last attempt: a cancel wins over failing the job too
+        claim = _claim(factory, f"w{attempt}")
+        assert claim is not None
+        if attempt < 3:
+            with transaction(factory) as session:
+                session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
+            with transaction(factory) as session:
+                reap(session)
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None
+        job.cancel_requested_at = now_ts()  # acknowledged by the API, then the worker died
+        job.lease_until = now_ts() - 1
+    with transaction(factory) as session:
+        assert reap(session) == 1
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status == JobStatus.CANCELLED
+        assert job.finished_at is not None and job.error is None and job.worker_id is None
+        messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+    assert any("cancelled as requested" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        (JobStatus.PAUSED, {}),
+        (JobStatus.QUEUED, {}),
+        (JobStatus.FAILED, {"error": {"code": "training_failed", "message": "x", "param": None}}),
+    ],
+)
+def test_a_pending_cancel_wins_over_every_ending_but_success(factory, ending) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    claim = _claim(factory)
+    assert claim is not None
+    with transaction(factory) as session:
+        session.get(FineTuningJob, job_id).cancel_requested_at = now_ts()  # type: ignore[union-attr]
+    status, values = ending
+    with transaction(factory) as session:
+        assert repo.finish(session, claim, status, **values) == JobStatus.CANCELLED
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status == JobStatus.CANCELLED
+        assert job.finished_at is not None and job.error is None and job.lease_until is None
+    # Without a cancel the ending is the one asked for.
+    (other,) = _queue_jobs(factory, a, "tenant-a", 1)
+    claim = _claim(factory)
+    assert claim is not None and claim.job_id == other
+    with transaction(factory) as session:
+        assert repo.finish(session, claim, status, **values) == status
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, other)
+        assert job is not None and job.status == status and job.error == values.get("error")
+        assert (job.finished_at is not None) == (status == JobStatus.FAILED)
