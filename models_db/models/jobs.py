@@ -35,9 +35,12 @@ class FineTuningJob(Base, TenantOwned):
     started_at: Mapped[int | None]
     finished_at: Mapped[int | None]
     estimated_finish: Mapped[int | None]
-    # Execution bookkeeping (DESIGN §5): attempt fencing and the worker's lease.
+    # Execution bookkeeping (DESIGN §5): attempt fencing and the worker's lease. `attempt` grows
+    # with every claim (pauses and resumes too); only `failed_attempts` counts towards
+    # `max_attempts`.
     attempt: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)
+    failed_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[int | None]
     cancel_requested_at: Mapped[int | None]

@@ -10,15 +10,15 @@ from sqlalchemy.orm import Session
 from common.jobs import RUN_JOB_TASK, JobStatus
 from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
-from models_db.models import OutboxMessage
+from models_db.models import FineTuningJob, OutboxMessage
 from workers.jobs.repository import add_event, enqueue_wakeup, expired_jobs, has_claimable_jobs
 
 log = logging.getLogger(__name__)
 
 
 def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
-    """Re-queue jobs with an expired lease (or cancel, fail past max_attempts, or pause, when
-    the tenant asked for it); returns how many."""
+    """Re-queue jobs with an expired lease, counting a failed attempt (or cancel, fail after
+    max_attempts failures, or pause, when the tenant asked for it); returns how many."""
     now = now_ts()
     handled = 0
     for job in expired_jobs(session, now):
@@ -34,40 +34,8 @@ def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
                 "model was published.",
             )
             emit_job_finished(session, job.id)
-        elif job.attempt >= job.max_attempts:
-            job.status = JobStatus.FAILED
-            job.finished_at = now
-            job.error = {
-                "code": "worker_lost",
-                "message": f"The worker running this job stopped responding on each of "
-                f"{job.attempt} attempts; giving up.",
-                "param": None,
-            }
-            add_event(session, job, f"Worker {lost} stopped responding; job failed.", level="error")
-            emit_job_finished(session, job.id)
-        elif job.pause_requested_at is not None:
-            # The tenant asked for a pause: honour it instead of starting the job again (the
-            # latest recorded checkpoint is where a resume continues).
-            job.status = JobStatus.PAUSED
-            job.pause_requested_at = None
-            add_event(
-                session,
-                job,
-                f"Worker {lost} stopped responding; the job is paused as requested (attempt "
-                f"{job.attempt} of {job.max_attempts} used). Resume it to continue from its "
-                "last checkpoint.",
-                level="warn",
-            )
         else:
-            job.status = JobStatus.QUEUED
-            add_event(
-                session,
-                job,
-                f"Worker {lost} stopped responding; job re-queued to resume from its last "
-                f"checkpoint (attempt {job.attempt} of {job.max_attempts} used).",
-                level="warn",
-            )
-            enqueue_wakeup(session, job.tenant_id, job.id)
+            _count_lost_attempt(session, job, lost, now)
         job.worker_id = None
         job.lease_until = None
         handled += 1
@@ -82,3 +50,42 @@ def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
     if handled:
         log.info("reaper re-queued or failed %d job(s)", handled)
     return handled
+
+
+def _count_lost_attempt(session: Session, job: FineTuningJob, lost: str, now: int) -> None:
+    """A lost attempt counts as a failed one: fail the job at the limit, else pause it (when
+    a pause is pending) or queue it again to resume from its last checkpoint."""
+    job.failed_attempts += 1
+    counted = f"({job.failed_attempts} of {job.max_attempts} allowed failures)"
+    if job.failed_attempts >= job.max_attempts:
+        job.status = JobStatus.FAILED
+        job.finished_at = now
+        job.error = {
+            "code": "worker_lost",
+            "message": f"The worker running this job stopped responding; {job.failed_attempts} "
+            "attempts have failed, the most allowed. Giving up.",
+            "param": None,
+        }
+        add_event(session, job, f"Worker {lost} stopped responding; job failed.", level="error")
+        emit_job_finished(session, job.id)
+    elif job.pause_requested_at is not None:
+        # The tenant asked for a pause: honour it instead of starting the job again.
+        job.status = JobStatus.PAUSED
+        job.pause_requested_at = None
+        add_event(
+            session,
+            job,
+            f"Worker {lost} stopped responding {counted}; the job is paused as requested. "
+            "Resume it to continue from its last checkpoint.",
+            level="warn",
+        )
+    else:
+        job.status = JobStatus.QUEUED
+        add_event(
+            session,
+            job,
+            f"Worker {lost} stopped responding {counted}; job re-queued to resume from its "
+            "last checkpoint.",
+            level="warn",
+        )
+        enqueue_wakeup(session, job.tenant_id, job.id)

@@ -479,25 +479,32 @@ class JobRun:
             with transaction(self.ctx.session_factory) as session:
                 job = session.get(FineTuningJob, self.claim.job_id)
                 assert job is not None
-                failed = f"Attempt {job.attempt} of {job.max_attempts} failed: {reason}."
-                if job.attempt >= job.max_attempts:
+                # Failures are counted apart from `attempt`, which pauses and resumes raise too.
+                failures = job.failed_attempts + 1
+                counted = {"failed_attempts": FineTuningJob.failed_attempts + 1}
+                failed = (
+                    f"Attempt {job.attempt} failed ({failures} of {job.max_attempts} allowed "
+                    f"failures): {reason}."
+                )
+                if failures >= job.max_attempts:
                     status = repo.finish(
                         session,
                         self.claim,
                         JobStatus.FAILED,
                         error={"code": "training_failed", "message": reason, "param": None},
+                        **counted,
                     )
                     then = "The job has failed."
                 elif job.pause_requested_at is not None:
                     # Paused rather than retried: the tenant asked for it, and a retry would
                     # only be stopped again.
-                    status = repo.finish(session, self.claim, JobStatus.PAUSED)
+                    status = repo.finish(session, self.claim, JobStatus.PAUSED, **counted)
                     then = (
                         "The job is paused as requested; resume it to retry from its last "
                         "checkpoint."
                     )
                 else:
-                    status = repo.finish(session, self.claim, JobStatus.QUEUED)
+                    status = repo.finish(session, self.claim, JobStatus.QUEUED, **counted)
                     then = "Retrying."
                 if status == JobStatus.CANCELLED:
                     then = "The job is cancelled as requested; no model was published."

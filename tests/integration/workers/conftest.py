@@ -151,7 +151,7 @@ class Jobs:
             return JobRecord(
                 status=job.status,
                 attempt=job.attempt,
-                failed_attempts=getattr(job, "failed_attempts", 0),
+                failed_attempts=job.failed_attempts,
                 error=job.error,
                 fine_tuned_model=job.fine_tuned_model,
                 pause_requested_at=job.pause_requested_at,

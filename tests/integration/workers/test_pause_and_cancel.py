@@ -154,3 +154,38 @@ def test_an_attempt_that_fails_with_a_cancel_pending_cancels_the_job(
 
     _cancelled_and_nothing_published(jobs, job_id)
     assert jobs.job(job_id).attempt == 1
+
+
+def test_pauses_and_resumes_leave_the_failure_budget_whole(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models_db.session import transaction
+    from workers.jobs import repository as repo
+
+    job_id = jobs.queued()
+    for _ in range(2):  # two pause/resume cycles, as the worker and the API record them
+        with transaction(jobs.session_factory) as session:
+            claim = repo.claim_next(session, "earlier-worker", 60)
+        assert claim is not None
+        with transaction(jobs.session_factory) as session:
+            repo.finish(session, claim, JobStatus.PAUSED)
+        jobs.resume(job_id)
+    real = runner.local_tokenized
+    failures: list[int] = []
+
+    def flaky_download(*args: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise OSError("Connection reset by peer")
+        return real(*args)
+
+    monkeypatch.setattr(runner, "local_tokenized", flaky_download)
+    jobs.run()
+
+    job = jobs.job(job_id)
+    messages = jobs.messages(job_id)
+    assert job.status == JobStatus.SUCCEEDED, messages
+    assert job.attempt == 4 and job.failed_attempts == 1
+    assert any(
+        m.startswith("Attempt 3 failed (1 of 3 allowed failures): OSError") for m in messages
+    ), messages

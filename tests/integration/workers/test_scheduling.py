@@ -248,3 +248,31 @@ def test_a_pending_cancel_wins_over_every_ending_but_success(factory, ending) ->
         job = session.get(FineTuningJob, other)
         assert job is not None and job.status == status and job.error == values.get("error")
         assert (job.finished_at is not None) == (status == JobStatus.FAILED)
+
+
+def _pause_and_resume(factory: sessionmaker[Session], job_id: str, times: int) -> None:
+    for _ in range(times):
+        claim = _claim(factory)
+        assert claim is not None and claim.job_id == job_id
+        with transaction(factory) as session:
+            repo.finish(session, claim, JobStatus.PAUSED)
+        with transaction(factory) as session:  # what the API's resume does
+            session.get(FineTuningJob, job_id).status = JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_pause_and_resume_cycles_do_not_use_up_the_failure_budget(factory) -> None:  # type: ignore[no-untyped-def]
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    _pause_and_resume(factory, job_id, 3)
+    claim = _claim(factory)
+    assert claim is not None and claim.attempt == 4  # the fencing token still moves on
+    with transaction(factory) as session:
+        session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
+    with transaction(factory) as session:
+        assert reap(session) == 1
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status == JobStatus.QUEUED
+        assert job.failed_attempts == 1
+        messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+    assert any("(1 of 3 allowed failures); job re-queued" in m for m in messages), messages
