@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from openai import OpenAI
@@ -130,6 +130,30 @@ def adapter_folder(base_model_dir: Path, tmp: Path, seed: int) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     return make_random_adapter(folder, seed=seed, base_model_dir=base_model_dir)
+
+
+class PublishedAdapter(NamedTuple):
+    tenant: TenantCreds
+    name: str  # the fine-tuned model's name
+    folder: Path  # the peft folder it was published from (for HF + peft references)
+
+
+@pytest.fixture
+def publish_random_adapter(
+    training_stack: TrainingStack,
+    new_tenant: Callable[..., TenantCreds],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> Callable[..., PublishedAdapter]:
+    """Publishes the random adapter of ``seed`` as a fine-tuned model of ``tenant`` (by default
+    a new tenant), the way a worker does."""
+
+    def publish(seed: int, tenant: TenantCreds | None = None) -> PublishedAdapter:
+        owner = tenant or new_tenant()
+        folder = adapter_folder(tiny_model_dir, tmp_path, seed)
+        return PublishedAdapter(owner, publish_adapter(training_stack, owner, folder), folder)
+
+    return publish
 
 
 def wait_healthy(gateway: RunningGateway, count: int, timeout: float = 90) -> None:

@@ -10,13 +10,7 @@ import httpx
 import openai
 
 from tests.conftest import TenantCreds
-from tests.integration.conftest import TrainingStack
-from tests.integration.serving.conftest import (
-    RunningGateway,
-    adapter_folder,
-    publish_adapter,
-    wait_healthy,
-)
+from tests.integration.serving.conftest import PublishedAdapter, RunningGateway, wait_healthy
 
 
 def _holders(replicas: list[Any], name: str) -> list[Any]:
@@ -41,9 +35,8 @@ def _ask(client: openai.OpenAI, name: str) -> str:
 def test_affinity_failover_and_restart(
     start_gateway: Callable[..., RunningGateway],
     vllm_factory: Callable[..., Any],
-    training_stack: TrainingStack,
     new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
     tiny_model_dir: Path,
 ) -> None:
     replicas = [
@@ -52,12 +45,7 @@ def test_affinity_failover_and_restart(
     gateway = start_gateway([r.url for r in replicas])
     wait_healthy(gateway, 2)
     tenant = new_tenant()
-    names = [
-        publish_adapter(
-            training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=70 + i)
-        )
-        for i in range(2)
-    ]
+    names = [publish_random_adapter(seed=70 + i, tenant=tenant).name for i in range(2)]
     client = gateway.client(tenant.api_key)
     answers = {}
     for name in names:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import TenantCreds
 from tests.integration.conftest import TrainingStack, wait_for
-from tests.integration.serving.conftest import RunningGateway, adapter_folder, publish_adapter
+from tests.integration.serving.conftest import PublishedAdapter, RunningGateway
 from tests.serving_helpers import load_hf_reference
 
 PROMPTS = [
@@ -66,14 +66,9 @@ def test_base_model_through_the_gateway_equals_vllm_direct(
 def test_adapter_streams_the_same_text_and_records_usage(
     gateway: RunningGateway,
     training_stack: TrainingStack,
-    new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
-    tiny_model_dir: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
 ) -> None:
-    tenant = new_tenant()
-    name = publish_adapter(
-        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=11)
-    )
+    tenant, name, _ = publish_random_adapter(seed=11)
     client = gateway.client(tenant.api_key)
     plain = _chat(client, name, "Tell me a story.", max_tokens=16)
     stream = client.chat.completions.create(
@@ -120,14 +115,10 @@ def _usage(stack: TrainingStack, tenant: TenantCreds, kind: str) -> int:
 
 def test_adapter_output_differs_from_base_and_equals_hf_peft(
     gateway: RunningGateway,
-    training_stack: TrainingStack,
-    new_tenant: Callable[..., TenantCreds],
+    publish_random_adapter: Callable[..., PublishedAdapter],
     tiny_model_dir: Path,
-    tmp_path: Path,
 ) -> None:
-    tenant = new_tenant()
-    folder = adapter_folder(tiny_model_dir, tmp_path, seed=5)
-    name = publish_adapter(training_stack, tenant, folder)
+    tenant, name, folder = publish_random_adapter(seed=5)
     client = gateway.client(tenant.api_key)
     reference = load_hf_reference(tiny_model_dir, folder)
     differs = 0
@@ -142,14 +133,13 @@ def test_isolation_and_keys(
     gateway: RunningGateway,
     training_stack: TrainingStack,
     new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
-    tiny_model_dir: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
 ) -> None:
     from api.tenancy.service import revoke_api_key
     from models_db.session import transaction
 
-    owner, other = new_tenant(), new_tenant()
-    name = publish_adapter(training_stack, owner, adapter_folder(tiny_model_dir, tmp_path, seed=21))
+    owner, name, _ = publish_random_adapter(seed=21)
+    other = new_tenant()
     with pytest.raises(openai.NotFoundError) as caught:
         _chat(gateway.client(other.api_key), name, "hi")
     assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -203,14 +193,9 @@ def test_retired_model_answers_404_and_is_unloaded(
     gateway: RunningGateway,
     vllm_server: Any,
     training_stack: TrainingStack,
-    new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
-    tiny_model_dir: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
 ) -> None:
-    tenant = new_tenant()
-    name = publish_adapter(
-        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=31)
-    )
+    tenant, name, _ = publish_random_adapter(seed=31)
     client = gateway.client(tenant.api_key)
     _chat(client, name, "hi", max_tokens=2)
     loaded = lambda: {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models").json()["data"]}  # noqa: E731
@@ -228,14 +213,13 @@ def test_retired_model_answers_404_and_is_unloaded(
 def test_capacity_six_adapters_in_turn_with_room_for_two(
     gateway: RunningGateway,
     vllm_server: Any,
-    training_stack: TrainingStack,
     new_tenant: Callable[..., TenantCreds],
+    publish_random_adapter: Callable[..., PublishedAdapter],
     tiny_model_dir: Path,
-    tmp_path: Path,
 ) -> None:
     tenant = new_tenant()
-    folders = [adapter_folder(tiny_model_dir, tmp_path, seed=100 + i) for i in range(6)]
-    names = [publish_adapter(training_stack, tenant, f) for f in folders]
+    published = [publish_random_adapter(seed=100 + i, tenant=tenant) for i in range(6)]
+    names, folders = [p.name for p in published], [p.folder for p in published]
     messages = [{"role": "user", "content": "Tell me a story."}]
     expected = [load_hf_reference(tiny_model_dir, f).generate_ids(messages, 8) for f in folders]
     assert len({tuple(e) for e in expected}) > 1  # the adapters really differ
@@ -266,14 +250,9 @@ def test_corrupted_adapter_is_refused_and_never_loaded(
     gateway: RunningGateway,
     vllm_server: Any,
     training_stack: TrainingStack,
-    new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
-    tiny_model_dir: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
 ) -> None:
-    tenant = new_tenant()
-    name = publish_adapter(
-        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=41)
-    )
+    tenant, name, _ = publish_random_adapter(seed=41)
     s3 = training_stack.s3()
     prefix = f"{training_stack.s3_prefix}/tenants/{tenant.tenant_id}/models/"
     key = next(
@@ -295,15 +274,9 @@ def test_corrupted_adapter_is_refused_and_never_loaded(
 
 def test_one_hundred_concurrent_first_requests_one_download_one_load(
     gateway: RunningGateway,
-    training_stack: TrainingStack,
-    new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
-    tiny_model_dir: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
 ) -> None:
-    tenant = new_tenant()
-    name = publish_adapter(
-        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=51)
-    )
+    tenant, name, _ = publish_random_adapter(seed=51)
     state = gateway.gateway
     downloads, loads = state.cache.downloads, state.placer.loads
 
@@ -442,15 +415,9 @@ def test_vllm_admin_endpoints_are_not_reachable(
 def test_adapter_lost_by_the_replica_is_reloaded_invisibly(
     gateway: RunningGateway,
     vllm_server: Any,
-    training_stack: TrainingStack,
-    new_tenant: Callable[..., TenantCreds],
-    tmp_path: Path,
-    tiny_model_dir: Path,
+    publish_random_adapter: Callable[..., PublishedAdapter],
 ) -> None:
-    tenant = new_tenant()
-    name = publish_adapter(
-        training_stack, tenant, adapter_folder(tiny_model_dir, tmp_path, seed=61)
-    )
+    tenant, name, _ = publish_random_adapter(seed=61)
     client = gateway.client(tenant.api_key)
     first = _chat(client, name, "hello", max_tokens=6)
     # Behind the gateway's back, as a restarted replica would have it: the adapter is gone.
