@@ -37,10 +37,11 @@ class FineTuningJob(Base, TenantOwned):
     estimated_finish: Mapped[int | None]
     # Execution bookkeeping (DESIGN §5): attempt fencing and the worker's lease. `attempt` grows
     # with every claim (pauses and resumes too); only `failed_attempts` counts towards
-    # `max_attempts`.
+    # `max_attempts`. Its 0 comes from the database, so inserts that name their columns (the
+    # API's create statement) need not know it.
     attempt: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)
-    failed_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    failed_attempts: Mapped[int] = mapped_column(server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[int | None]
     cancel_requested_at: Mapped[int | None]

@@ -276,3 +276,36 @@ def test_pause_and_resume_cycles_do_not_use_up_the_failure_budget(factory) -> No
         assert job.failed_attempts == 1
         messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
     assert any("(1 of 3 allowed failures); job re-queued" in m for m in messages), messages
+
+
+def test_a_job_created_by_the_api_statement_starts_with_no_failures(factory) -> None:  # type: ignore[no-untyped-def]
+    from api.fine_tuning.repository import JobRepository
+
+    a = _tenant(factory, "tenant-a")
+    job_id = ids.new_id(ids.JOB)
+    values = {
+        "now": now_ts(),
+        "job_id": job_id,
+        "base_model_id": "m",
+        "training_file_id": "file-tenant-a",
+        "validation_file_id": None,
+        "suffix": None,
+        "seed": 1,
+        "job_metadata": None,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {}}},
+        "status": JobStatus.VALIDATING_FILES.value,
+        "max_attempts": 3,
+        "event_id": ids.new_id(ids.JOB_EVENT),
+        "event_message": f"Created fine-tuning job: {job_id}",
+        "outbox_task": "t",
+        "outbox_queue": "q",
+        "outbox_args": [job_id],
+        "actor": "test",
+        "audit_action": "job.create",
+        "audit_data": {},
+    }
+    with transaction(factory) as session:
+        JobRepository(session, a).insert_created(values, with_key=False)
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.failed_attempts == 0 and job.attempt == 0
