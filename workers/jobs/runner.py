@@ -33,6 +33,7 @@ from models_db.session import transaction
 from workers.context import WorkerContext
 from workers.jobs import repository as repo
 from workers.jobs.artifacts import download_folder, upload_folder
+from workers.jobs.lease import LeaseKeeper
 from workers.jobs.models import local_model_path
 from workers.jobs.parity import ParityResult, check_parity
 from workers.jobs.subprocess_io import TrainingProcess
@@ -80,17 +81,25 @@ class JobRun:
         self.settings = ctx.settings
         self.workdir = self.settings.scratch / claim.job_id / f"attempt-{claim.attempt}"
         self._pending_events: list[dict[str, Any]] = []
+        # Extends the lease from a thread while this one downloads, uploads or waits.
+        self.lease = LeaseKeeper(
+            ctx.session_factory,
+            claim,
+            lease_seconds=self.settings.lease_seconds,
+            interval=self.settings.heartbeat_seconds,
+        )
 
     # -- the whole run ---------------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            if self._stopped_before_start():
-                return
-            spec_path = self._prepare()
-            if self._stopped_before_start():  # asked for while the inputs were downloading
-                return
-            self._supervise(spec_path)
+            with self.lease:
+                if self._stopped_before_start():
+                    return
+                spec_path = self._prepare()
+                if self._stopped_before_start():  # asked for while the inputs were downloading
+                    return
+                self._supervise(spec_path)
         except repo.LostJob:
             log.warning("job %s attempt %s was taken over; stopping", *self._ids())
         except Exception as exc:
@@ -206,6 +215,8 @@ class JobRun:
                     break
                 if event:
                     self._handle(event, outcome)
+                if self.lease.lost.is_set():
+                    raise repo.LostJob(self.claim.job_id)
                 if time.monotonic() >= next_beat:
                     flags = self._heartbeat()
                     next_beat = time.monotonic() + self.settings.heartbeat_seconds
@@ -331,7 +342,7 @@ class JobRun:
         """Upload the adapter, check parity, then create the model in one transaction, unless
         the job was cancelled meanwhile: then nothing is recorded and the upload is deleted."""
         assert outcome.done is not None
-        job_id, _attempt = self._ids()
+        job_id, attempt = self._ids()
         adapter_dir = Path(outcome.done["adapter_dir"])
         with transaction(self.ctx.session_factory) as session:
             repo.touch(session, self.claim, self.settings.lease_seconds)
@@ -341,8 +352,10 @@ class JobRun:
             method_type = job.method["type"]
             params = job.method[method_type]["hyperparameters"]
             name = f"ft:{job.base_model_id}:{tenant.slug}:{job.suffix or ''}:{ids.short_id(8)}"
-            base_model, trained_tokens = job.base_model_id, job.trained_tokens
-        prefix = f"tenants/{self.claim.tenant_id}/models/{job_id}"
+            base_model = job.base_model_id
+        # One folder per attempt: an attempt that was taken over while uploading can never
+        # overwrite what another attempt published.
+        prefix = f"tenants/{self.claim.tenant_id}/models/{job_id}/a{attempt}"
         metrics = outcome.done.get("metrics") or {}
         _manifest, digest = upload_folder(
             self.ctx.storage,
@@ -362,56 +375,70 @@ class JobRun:
         if parity is not None and parity.ok is False:
             self._parity_failed(parity)
             return
+        try:
+            published = self._record_publish(prefix, name, digest, parity, params, metrics)
+        except repo.LostJob:
+            self._delete_quietly(prefix)  # this attempt's own folder: nothing points at it
+            raise
+        if not published:
+            self._delete_quietly(prefix)
+
+    def _record_publish(
+        self,
+        prefix: str,
+        name: str,
+        digest: str,
+        parity: ParityResult | None,
+        params: dict[str, Any],
+        metrics: dict[str, Any],
+    ) -> bool:
+        """The publish transaction; False when a cancel came first (nothing recorded)."""
+        job_id, _attempt = self._ids()
         with transaction(self.ctx.session_factory) as session:
             # The row lock this update takes holds off an API cancel until the commit, and a
             # cancel committed before it is seen here.
             if repo.touch(session, self.claim, self.settings.lease_seconds).cancel_requested:
                 repo.finish(session, self.claim, JobStatus.CANCELLED)
                 repo.add_event(session, self.claim, _CANCELLED)
-                published = False
-            else:
-                published = True
-                if parity is not None:
-                    repo.add_event(session, self.claim, _parity_message(parity))
-                repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
-                session.add_all(
-                    [
-                        FineTunedModel(
-                            id=name,
-                            tenant_id=self.claim.tenant_id,
-                            job_id=job_id,
-                            base_model_id=base_model,
-                            storage_prefix=prefix,
-                            manifest_sha256=digest,
-                            lora_rank=int(params["lora_rank"]),
-                        ),
-                        UsageRecord(
-                            tenant_id=self.claim.tenant_id,
-                            kind="trained_tokens",
-                            quantity=int(trained_tokens or 0),
-                            model=name,
-                            job_id=job_id,
-                        ),
-                    ]
-                )
-                loss = metrics.get("train_loss")
-                repo.add_event(
-                    session,
-                    self.claim,
-                    f"New fine-tuned model created: {name}"
-                    + (
-                        f" (final training loss {loss:.4f})"
-                        if isinstance(loss, int | float)
-                        else ""
+                return False
+            job = session.get(FineTuningJob, job_id)
+            assert job is not None
+            if parity is not None:
+                repo.add_event(session, self.claim, _parity_message(parity))
+            repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
+            session.add_all(
+                [
+                    FineTunedModel(
+                        id=name,
+                        tenant_id=self.claim.tenant_id,
+                        job_id=job_id,
+                        base_model_id=job.base_model_id,
+                        storage_prefix=prefix,
+                        manifest_sha256=digest,
+                        lora_rank=int(params["lora_rank"]),
                     ),
-                    data={
-                        "fine_tuned_model": name,
-                        **{k: v for k, v in metrics.items() if v is not None},
-                    },
-                )
-                repo.add_event(session, self.claim, "The job has successfully completed.")
-        if not published:
-            self._delete_quietly(prefix)
+                    UsageRecord(
+                        tenant_id=self.claim.tenant_id,
+                        kind="trained_tokens",
+                        quantity=int(job.trained_tokens or 0),
+                        model=name,
+                        job_id=job_id,
+                    ),
+                ]
+            )
+            loss = metrics.get("train_loss")
+            repo.add_event(
+                session,
+                self.claim,
+                f"New fine-tuned model created: {name}"
+                + (f" (final training loss {loss:.4f})" if isinstance(loss, int | float) else ""),
+                data={
+                    "fine_tuned_model": name,
+                    **{k: v for k, v in metrics.items() if v is not None},
+                },
+            )
+            repo.add_event(session, self.claim, "The job has successfully completed.")
+        return True
 
     def _delete_quietly(self, prefix: str) -> None:
         try:

@@ -40,6 +40,16 @@ def _events(client: OpenAI, job_id: str) -> list[Any]:
     return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=1000))))
 
 
+def _adapter_prefix(stack: TrainingStack, tenant: TenantCreds, job_id: str) -> str:
+    """The published adapter's folder (one per attempt, under the job's)."""
+    (manifest,) = [
+        k
+        for k in stack.keys(f"tenants/{tenant.tenant_id}/models/{job_id}/")
+        if k.endswith("/manifest.json")
+    ]
+    return manifest.removesuffix("/manifest.json")
+
+
 def _sft_method(**hyper: Any) -> dict[str, Any]:
     base = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8}
     return {"type": "supervised", "supervised": {"hyperparameters": {**base, **hyper}}}
@@ -78,7 +88,7 @@ def test_sft_job_succeeds_and_publishes_adapter(
     names = sorted(k.rsplit("/", 1)[-1] for k in keys)
     assert names == ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
     s3 = stack.s3()
-    prefix = f"{stack.s3_prefix}/tenants/{tenant.tenant_id}/models/{job.id}"
+    prefix = _adapter_prefix(stack, tenant, job.id)
     manifest = json.loads(
         s3.get_object(Bucket=stack.bucket, Key=f"{prefix}/manifest.json")["Body"].read()
     )
@@ -273,7 +283,7 @@ def test_the_fine_tune_really_learns(
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     s3 = stack.s3()
-    prefix = f"{stack.s3_prefix}/tenants/{tenant.tenant_id}/models/{job.id}"
+    prefix = _adapter_prefix(stack, tenant, job.id)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         body = s3.get_object(Bucket=stack.bucket, Key=f"{prefix}/{name}")["Body"].read()
         (adapter / name).write_bytes(body)
