@@ -1,4 +1,5 @@
-"""The periodic reaper: re-queues jobs whose worker stopped heartbeating (DESIGN §5)."""
+"""The periodic reaper: re-queues jobs whose worker stopped heartbeating (DESIGN §5), and sends
+validations that no worker is doing again."""
 
 from __future__ import annotations
 
@@ -11,16 +12,30 @@ from common.jobs import RUN_JOB_TASK, JobStatus
 from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import FineTuningJob, OutboxMessage
-from workers.jobs.repository import add_event, enqueue_wakeup, expired_jobs, has_claimable_jobs
+from workers.jobs.repository import (
+    add_event,
+    enqueue_validation,
+    enqueue_wakeup,
+    expired_jobs,
+    has_claimable_jobs,
+    stalled_validations,
+)
+from workers.jobs.validation import INTERNAL_ERROR_MESSAGE, RESEND_AFTER_SECONDS
 
 log = logging.getLogger(__name__)
 
 
-def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
+def reap(
+    session: Session,
+    *,
+    kick_after_seconds: int = 10,
+    validation_resend_seconds: int = RESEND_AFTER_SECONDS,
+) -> int:
     """Re-queue jobs with an expired lease, counting a failed attempt (or cancel, fail after
-    max_attempts failures, or pause, when the tenant asked for it); returns how many."""
+    max_attempts failures, or pause, when the tenant asked for it), and re-send stalled
+    validations; returns how many jobs it handled."""
     now = now_ts()
-    handled = 0
+    handled = _redrive_validations(session, now, validation_resend_seconds)
     for job in expired_jobs(session, now):
         lost = job.worker_id or "unknown"
         if job.cancel_requested_at is not None:
@@ -48,7 +63,39 @@ def reap(session: Session, *, kick_after_seconds: int = 10) -> int:
         if last is None or now - last >= kick_after_seconds:
             enqueue_wakeup(session, None, "")
     if handled:
-        log.info("reaper re-queued or failed %d job(s)", handled)
+        log.info("reaper handled %d job(s)", handled)
+    return handled
+
+
+def _redrive_validations(session: Session, now: int, resend_after: int) -> int:
+    """Send the validation of every stalled job again. A lease that ran out while a worker
+    held it counts as a failed try (the job fails at max_attempts); a retry that waited, or a
+    message that may be lost, does not. The job then waits ``resend_after`` for a worker
+    before the next message."""
+    handled = 0
+    for job in stalled_validations(session, now, resend_after):
+        handled += 1
+        if job.worker_id is not None:
+            job.failed_attempts += 1
+            if job.failed_attempts >= job.max_attempts:
+                message = INTERNAL_ERROR_MESSAGE.format(n=job.failed_attempts)
+                job.status = JobStatus.FAILED
+                job.finished_at = now
+                job.worker_id = job.lease_until = None
+                job.error = {"code": "validation_error", "message": message, "param": None}
+                add_event(session, job, f"Validation failed: {message}", level="error")
+                emit_job_finished(session, job.id)
+                continue
+            add_event(
+                session,
+                job,
+                f"The worker validating the files stopped responding ({job.failed_attempts} of "
+                f"{job.max_attempts} allowed failures); validating them again.",
+                level="warn",
+            )
+        job.worker_id = None
+        job.lease_until = now + resend_after
+        enqueue_validation(session, job.tenant_id, job.id)
     return handled
 
 

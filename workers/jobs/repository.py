@@ -12,11 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal, null, select, text, update
+from sqlalchemy import and_, case, func, literal, null, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from common import ids
-from common.jobs import RUN_JOB_TASK, TERMINAL_STATUSES, TRAIN_QUEUE, JobStatus
+from common.jobs import (
+    DEFAULT_QUEUE,
+    RUN_JOB_TASK,
+    TERMINAL_STATUSES,
+    TRAIN_QUEUE,
+    VALIDATE_JOB_TASK,
+    JobStatus,
+)
 from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import FineTuningJob, JobCheckpoint, JobEvent, OutboxMessage, Tenant
@@ -34,6 +41,8 @@ class Claim:
     job_id: str
     tenant_id: str
     attempt: int
+    # The status the job keeps while claimed: training (running) or validation.
+    stage: JobStatus = JobStatus.RUNNING
 
 
 @dataclass(frozen=True)
@@ -122,11 +131,40 @@ def claim_next(session: Session, worker_id: str, lease_seconds: int) -> Claim | 
     return Claim(candidate.id, candidate.tenant_id, attempt)
 
 
+def claim_validation(
+    session: Session, job_id: str, worker_id: str, lease_seconds: int
+) -> Claim | None:
+    """Take the validation of a job in `validating_files` that no worker holds a live lease
+    on; None when another worker is validating it or it has moved on."""
+    now = now_ts()
+    row = session.execute(
+        update(FineTuningJob)
+        .where(
+            FineTuningJob.id == job_id,
+            FineTuningJob.status == JobStatus.VALIDATING_FILES,
+            or_(
+                FineTuningJob.worker_id.is_(None),
+                FineTuningJob.lease_until.is_(None),
+                FineTuningJob.lease_until < now,
+            ),
+        )
+        .values(
+            attempt=FineTuningJob.attempt + 1,
+            worker_id=worker_id,
+            lease_until=now + lease_seconds,
+        )
+        .returning(FineTuningJob.attempt, FineTuningJob.tenant_id)
+    ).first()
+    if row is None:
+        return None
+    return Claim(job_id, row.tenant_id, row.attempt, JobStatus.VALIDATING_FILES)
+
+
 def _fenced(claim: Claim) -> Any:
     return and_(
         FineTuningJob.id == claim.job_id,
         FineTuningJob.attempt == claim.attempt,
-        FineTuningJob.status == JobStatus.RUNNING,
+        FineTuningJob.status == claim.stage,
     )
 
 
@@ -201,6 +239,39 @@ def expired_jobs(session: Session, now: int, limit: int = 100) -> Sequence[FineT
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     return session.scalars(stmt).all()
+
+
+def stalled_validations(
+    session: Session, now: int, resend_after: int, limit: int = 100
+) -> Sequence[FineTuningJob]:
+    """Jobs in `validating_files` that no worker is validating: a lease (or a retry's wait)
+    that ran out, or a job left without one since its creation (its message lost)."""
+    stmt = (
+        select(FineTuningJob)
+        .where(
+            FineTuningJob.status == JobStatus.VALIDATING_FILES,
+            or_(
+                FineTuningJob.lease_until < now,
+                and_(
+                    FineTuningJob.lease_until.is_(None),
+                    FineTuningJob.created_at < now - resend_after,
+                ),
+            ),
+        )
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalars(stmt).all()
+
+
+def enqueue_validation(session: Session, tenant_id: str, job_id: str) -> None:
+    """Ask some worker to validate the job's files (after this transaction commits)."""
+    session.add(
+        OutboxMessage(
+            task=VALIDATE_JOB_TASK, queue=DEFAULT_QUEUE, args=[job_id], tenant_id=tenant_id
+        )
+    )
 
 
 def has_claimable_jobs(session: Session) -> bool:

@@ -4,6 +4,12 @@ tokens, apply max_seq_len, resolve "auto" hyperparameters, then queue the job.
 Tokenized data is cached in object storage under a key made of (file sha256, tokenizer
 fingerprint, max_seq_len, method, overflow policy): a retry, another worker, or a second job on
 the same file reuses it instead of tokenizing again.
+
+The stage is claimed like a training attempt: a lease (kept alive by a thread while it works)
+and the attempt number as fencing token, so a duplicate message does nothing while a worker
+validates, and the reaper sends the message again when the worker died or the message was
+lost. A file that is wrong fails the job at once; any other error (storage, database, a crash)
+is tried again, and fails the job with a plain message after max_attempts failures.
 """
 
 from __future__ import annotations
@@ -17,15 +23,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy.orm import Session
+
 from common.datasets import DatasetError, iter_examples, parity_prompt
 from common.datasets.validator import Example
-from common.jobs import JobStatus
+from common.jobs import TERMINAL_STATUSES, JobStatus
 from common.storage import ObjectNotFound
 from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import BaseModel, File, FineTuningJob
 from models_db.session import transaction
 from workers.context import WorkerContext
+from workers.jobs import repository as repo
+from workers.jobs.lease import LeaseKeeper
 from workers.jobs.models import BaseModelUnavailable, local_model_path
 from workers.jobs.repository import add_event, enqueue_wakeup
 from workers.training.hparams import resolve_auto
@@ -33,6 +43,14 @@ from workers.training.hparams import resolve_auto
 log = logging.getLogger(__name__)
 
 AUTO_MAX_SEQ_LEN = 2048
+# After a temporary error, the next try is sent by the reaper once this wait is over.
+RETRY_AFTER_SECONDS = 10
+# A job with no worker on its validation for this long has its message sent again.
+RESEND_AFTER_SECONDS = 300
+INTERNAL_ERROR_MESSAGE = (
+    "Your files could not be validated because of an internal error, on each of {n} tries. "
+    "Nothing is wrong with them as far as we know; please create the job again later."
+)
 
 
 class ValidationFailed(Exception):
@@ -64,11 +82,11 @@ class _JobSnapshot:
     files: dict[str, tuple[str, str, str] | None]  # param -> (file id, sha256, storage key)
 
 
-def _snapshot(ctx: WorkerContext, job_id: str) -> _JobSnapshot | None:
+def _snapshot(ctx: WorkerContext, claim: repo.Claim) -> _JobSnapshot:
     with transaction(ctx.session_factory) as session:
-        job = session.get(FineTuningJob, job_id)
-        if job is None or job.status != JobStatus.VALIDATING_FILES:
-            return None
+        repo.touch(session, claim, ctx.settings.lease_seconds)
+        job = session.get(FineTuningJob, claim.job_id)
+        assert job is not None
         base = session.get(BaseModel, job.base_model_id)
         assert base is not None
         files: dict[str, tuple[str, str, str] | None] = {}
@@ -137,6 +155,13 @@ def _tokenized(
             max_seq_len=max_seq_len,
             on_overflow=overflow,
         )
+    except ObjectNotFound as err:  # no retry brings the bytes back
+        raise ValidationFailed(
+            f"The contents of file {file_id} are missing from storage; upload it again and "
+            "create a new job.",
+            "invalid_file",
+            param,
+        ) from err
     except DatasetError as err:
         raise ValidationFailed(f"{file_id}: {err.message}", err.code, param) from err
     except ValueError as err:  # the tokenizer refused the data (e.g. every example rejected)
@@ -171,23 +196,86 @@ def _tokenized(
     return artifact
 
 
-def _fail(ctx: WorkerContext, job_id: str, failure: ValidationFailed) -> None:
+def _fail(ctx: WorkerContext, claim: repo.Claim, failure: ValidationFailed) -> None:
     with transaction(ctx.session_factory) as session:
-        job = session.get(FineTuningJob, job_id, with_for_update=True)
-        if job is None or job.status != JobStatus.VALIDATING_FILES:
-            return
-        job.status = JobStatus.FAILED
+        job = _owned(session, ctx, claim)
+        _end(job, JobStatus.FAILED)
         job.error = {"code": failure.code, "message": failure.message, "param": failure.param}
-        job.finished_at = now_ts()
         add_event(session, job, f"Validation failed: {failure.message}", level="error")
         emit_job_finished(session, job.id)
 
 
+def _owned(session: Session, ctx: WorkerContext, claim: repo.Claim) -> FineTuningJob:
+    """The job, locked, while this claim still holds it (else LostJob: cancelled meanwhile,
+    or taken over after this worker lost its lease)."""
+    repo.touch(session, claim, ctx.settings.lease_seconds)
+    job = session.get(FineTuningJob, claim.job_id)
+    assert job is not None
+    return job
+
+
+def _end(job: FineTuningJob, status: JobStatus) -> None:
+    job.status = status
+    job.worker_id = None
+    job.lease_until = None
+    if status in TERMINAL_STATUSES:
+        job.finished_at = now_ts()
+
+
 def validate_job(ctx: WorkerContext, job_id: str) -> None:
-    """Run the validation stage once; a second delivery of the same job does nothing."""
-    snap = _snapshot(ctx, job_id)
-    if snap is None:
+    """Validate the job's files, unless another worker holds the stage or it is over; an
+    error ends as a failed job or a retry, never as an exception."""
+    with transaction(ctx.session_factory) as session:
+        claim = repo.claim_validation(
+            session, job_id, ctx.settings.worker_id, ctx.settings.lease_seconds
+        )
+    if claim is None:
         return
+    try:
+        with LeaseKeeper(
+            ctx.session_factory,
+            claim,
+            lease_seconds=ctx.settings.lease_seconds,
+            interval=ctx.settings.heartbeat_seconds,
+        ):
+            _validate(ctx, claim)
+    except repo.LostJob:
+        log.info("validation of %s (attempt %s) superseded", job_id, claim.attempt)
+    except Exception:
+        log.exception("validation of %s (attempt %s) failed", job_id, claim.attempt)
+        _interrupted(ctx, claim)
+
+
+def _interrupted(ctx: WorkerContext, claim: repo.Claim) -> None:
+    """Count a failed try: the reaper sends the next one after a short wait, or, at the
+    limit, the job fails with a message that blames us, not the tenant's files."""
+    try:
+        with transaction(ctx.session_factory) as session:
+            job = _owned(session, ctx, claim)
+            job.failed_attempts += 1
+            if job.failed_attempts >= job.max_attempts:
+                message = INTERNAL_ERROR_MESSAGE.format(n=job.failed_attempts)
+                _end(job, JobStatus.FAILED)
+                job.error = {"code": "validation_error", "message": message, "param": None}
+                add_event(session, job, f"Validation failed: {message}", level="error")
+                emit_job_finished(session, job.id)
+                return
+            job.worker_id = None
+            job.lease_until = now_ts() + RETRY_AFTER_SECONDS
+            add_event(
+                session,
+                job,
+                "A temporary problem interrupted the validation of your files "
+                f"({job.failed_attempts} of {job.max_attempts} allowed failures); it is tried "
+                "again shortly.",
+                level="warn",
+            )
+    except repo.LostJob:
+        pass
+
+
+def _validate(ctx: WorkerContext, claim: repo.Claim) -> None:
+    snap = _snapshot(ctx, claim)
     method_type = snap.method["type"]
     params: dict[str, Any] = snap.method[method_type]["hyperparameters"]
     max_seq_len = params["max_seq_len"]
@@ -220,10 +308,10 @@ def validate_job(ctx: WorkerContext, job_id: str) -> None:
             else None
         )
     except ValidationFailed as failure:
-        _fail(ctx, job_id, failure)
+        _fail(ctx, claim, failure)
         return
     except BaseModelUnavailable as exc:
-        _fail(ctx, job_id, ValidationFailed(str(exc), "model_unavailable", "model"))
+        _fail(ctx, claim, ValidationFailed(str(exc), "model_unavailable", "model"))
         return
 
     resolved = resolve_auto(
@@ -244,9 +332,7 @@ def validate_job(ctx: WorkerContext, job_id: str) -> None:
     n_epochs = int(method[method_type]["hyperparameters"]["n_epochs"])
 
     with transaction(ctx.session_factory) as session:
-        job = session.get(FineTuningJob, job_id, with_for_update=True)
-        if job is None or job.status != JobStatus.VALIDATING_FILES:
-            return  # cancelled meanwhile, or another delivery finished first
+        job = _owned(session, ctx, claim)
         job.method = method
         job.trained_tokens = train.trained_tokens * n_epochs
         job.artifacts = {
@@ -254,7 +340,8 @@ def validate_job(ctx: WorkerContext, job_id: str) -> None:
             "valid": asdict(valid) if valid else None,
             "max_seq_len": max_seq_len,
         }
-        job.status = JobStatus.QUEUED
+        _end(job, JobStatus.QUEUED)
+        job.failed_attempts = 0  # the training attempts get the whole budget
         if train.truncated:
             shown = ", ".join(f"#{i + 1}" for i in train.truncated[:20])
             add_event(
