@@ -83,8 +83,11 @@ class RefreshingCache(Generic[T]):
         try:
             value = await to_thread.run_sync(load)
             if self._loading.get(key) is this:  # not forgotten while it ran
+                self._entries.pop(key, None)  # re-inserted last: the order is load order
                 if len(self._entries) >= self._max:
-                    self._entries.clear()
+                    # Drop the entry loaded longest ago (a hot key is reloaded every ttl, so
+                    # it is never that one); a flood of new keys cannot clear everyone's.
+                    del self._entries[next(iter(self._entries))]
                 self._entries[key] = (time.monotonic(), value)
             return value
         finally:

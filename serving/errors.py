@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 from api.errors import error_body
+from common.ids import show_id
 
 
 class GatewayError(Exception):
@@ -41,7 +42,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def model_not_found(model: str) -> GatewayError:
     return GatewayError(
         404,
-        f"The model '{model}' does not exist or you do not have access to it.",
+        f"The model '{show_id(model)}' does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
     )

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from api.errors import error_body
 from api.tenancy import keys
 from api.tenancy.service import Principal, authenticate
+from common.ids import is_plausible_id
 from serving import unfinished
 from serving.adapters import (
     AdapterCache,
@@ -144,6 +145,8 @@ class Gateway:
             return principal
 
     async def resolve(self, tenant_id: str, name: str) -> ResolvedModel:
+        if not is_plausible_id(name):  # names nothing; not worth a cache entry (up to 2 MiB)
+            raise model_not_found(name)
         model = await self.models.get(
             (tenant_id, name), partial(self.catalog.resolve, tenant_id, name)
         )

@@ -94,7 +94,9 @@ local function settle(key, cap, now, used)
   local ts = tonumber(v[2]) or now
   level = math.min(cap, level + (now - ts) * cap / 60.0) - used
   redis.call('HSET', key, 'level', tostring(level), 'ts', tostring(now))
-  redis.call('EXPIRE', key, 120)
+  -- A missing key reads as a full bucket: keep it until it would have refilled, so a debt
+  -- (tokens are charged after admission) is not forgiven by waiting for the key to expire.
+  redis.call('EXPIRE', key, math.max(120, math.ceil((cap - level) * 60 / cap) + 60))
   return tostring(level)
 end
 local rpm, tpm, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -119,3 +119,26 @@ def test_a_load_in_flight_when_its_key_is_forgotten_is_not_kept() -> None:
         assert await cache.get("key", lambda: "reloaded") is None  # "revoked" is what's kept
 
     asyncio.run(run())
+
+
+def test_a_full_cache_drops_its_oldest_entry_not_everyone_s() -> None:
+    loads: list[str] = []
+
+    def loader(key: str) -> Callable[[], str]:
+        def load() -> str:
+            loads.append(key)
+            return key.upper()
+
+        return load
+
+    async def run() -> None:
+        cache: RefreshingCache[str] = RefreshingCache(ttl=60, max_stale=60, max_entries=3)
+        for key in ("a", "b", "c", "d"):  # "d" makes room by dropping "a", the oldest
+            assert await cache.get(key, loader(key)) == key.upper()
+        loads.clear()
+        for key in ("b", "c", "d"):
+            assert await cache.get(key, loader(key)) == key.upper()
+        assert loads == []  # still cached
+        assert await cache.get("a", loader("a")) == "A" and loads == ["a"]
+
+    asyncio.run(run())

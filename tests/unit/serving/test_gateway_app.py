@@ -17,6 +17,7 @@ from starlette.types import Message
 from api.tenancy.service import Principal
 from serving.app import GatewayApp
 from serving.catalog import ResolvedModel
+from serving.errors import GatewayError
 from serving.gateway import Gateway
 from serving.ratelimit import Limits, LocalRateLimiter
 from serving.replicas import ReplicaPool
@@ -202,5 +203,19 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_frees_it_and_is_billed(
         finally:
             await gateway.upstream.aclose()
             server.close()
+
+    asyncio.run(run())
+
+
+def test_a_model_name_that_names_nothing_is_a_404_without_a_cache_entry() -> None:
+    async def run() -> None:
+        _, gateway = _app()
+        del gateway.resolve  # the real one, not _app's stand-in
+        name = "x" * 100_000
+        with pytest.raises(GatewayError) as caught:
+            await gateway.resolve("t1", name)
+        assert caught.value.status == 404
+        assert len(str(caught.value)) < 200  # the name is quoted cut short
+        assert not gateway.models._entries
 
     asyncio.run(run())

@@ -66,6 +66,29 @@ def test_two_gateway_processes_share_the_buckets_through_redis(redis_url: str) -
     asyncio.run(run())
 
 
+def test_a_debt_outlives_the_usual_expiry_of_the_shared_bucket(redis_url: str) -> None:
+    """A missing key reads as a full bucket: a tenant 100 minutes in debt must not be forgiven
+    when the key would otherwise expire (2 minutes)."""
+
+    async def run() -> None:
+        limiter = SyncedRateLimiter(redis_url)
+        shared = Redis.from_url(redis_url)
+        tenant, limits = "tenant-" + secrets.token_hex(4), Limits(600, 10_000)
+        try:
+            assert (await limiter.admit(tenant, limits)).allowed
+            limiter.charge_tokens(tenant, limits, 1_000_000)
+            await limiter.sync()
+            ttl = await shared.ttl(f"loraplex:rl:{tenant}:tok")
+            assert ttl >= 100 * 60  # ~101 minutes to refill, plus a margin
+            assert 0 < await shared.ttl(f"loraplex:rl:{tenant}:req") <= 180  # not in debt
+        finally:
+            await shared.delete(f"loraplex:rl:{tenant}:req", f"loraplex:rl:{tenant}:tok")
+            await shared.aclose()
+            await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_tenants_far_from_their_limits_are_settled_less_often(redis_url: str) -> None:
     async def run() -> None:
         limiter = SyncedRateLimiter(redis_url, relaxed_sync_seconds=60)
