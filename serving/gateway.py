@@ -184,7 +184,7 @@ class Gateway:
             raise bad_request("'stream_options' must be an object.", param="stream_options")
         self._check_shape(endpoint, payload)
         model = await self.resolve(principal.tenant_id, name)
-        self._check_max_tokens(payload, model)
+        cap = self._check_max_tokens(endpoint, payload, model)
         limits = await self.limits_of(principal.tenant_id)
         decision = await self.limiter.admit(principal.tenant_id, limits)
         if not decision.allowed:
@@ -199,8 +199,11 @@ class Gateway:
         strip_usage = False
         if stream and not (options is not None and options.get("include_usage") is True):
             payload["stream_options"] = {**(options or {}), "include_usage": True}
+            payload.update(cap)
             body = json.dumps(payload).encode()
             strip_usage = True
+        elif cap:
+            body = _with_fields(body, payload, cap)
         return Call(endpoint, principal, model, limits, body, stream, strip_usage)
 
     def _too_large(self) -> GatewayError:
@@ -270,8 +273,31 @@ class Gateway:
         ids = choice.get("token_ids")
         return choice["message"]["content"] or "", ids if isinstance(ids, list) else None
 
-    def _check_max_tokens(self, payload: dict[str, Any], model: ResolvedModel) -> None:
+    def _check_max_tokens(
+        self, endpoint: str, payload: dict[str, Any], model: ResolvedModel
+    ) -> dict[str, int]:
+        """Check the generation limits; returns the field to add when the request sets none
+        (vLLM would generate up to the rest of the context, past ``max_tokens_limit``)."""
+        for field in ("n", "best_of"):
+            value = payload.get(field)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 1 <= value <= self.settings.max_choices
+            ):
+                raise bad_request(
+                    f"'{field}' must be an integer from 1 to {self.settings.max_choices}.",
+                    param=field,
+                )
         ceiling = min(self.settings.max_tokens_limit, model.context_length)
+        cap: dict[str, int] = {}
+        unset = payload.get("max_tokens") is None and payload.get("max_completion_tokens") is None
+        # (below the context length: vLLM itself stops there)
+        if unset and ceiling < model.context_length:
+            if endpoint == "chat/completions":
+                cap = {"max_completion_tokens": ceiling}
+            elif "max_tokens" in payload:  # an explicit null; absent means vLLM's 16
+                cap = {"max_tokens": ceiling}
         for field in ("max_tokens", "max_completion_tokens"):
             value = payload.get(field)
             if value is None:
@@ -286,6 +312,7 @@ class Gateway:
                     param=field,
                     code="max_tokens_too_large",
                 )
+        return cap
 
     # ---- forwarding ---------------------------------------------------------------------
 
@@ -539,6 +566,17 @@ async def until_disconnect(receive: Receive) -> None:
     """Returns when the caller has gone away (to run as a task once the body was read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _with_fields(body: bytes, payload: dict[str, Any], fields: dict[str, int]) -> bytes:
+    """``body`` (``payload`` as the client encoded it) with ``fields`` added as its last
+    members, without re-encoding it where it is UTF-8: vLLM, like the gateway, keeps the last
+    copy of a repeated key."""
+    if not body.lstrip().startswith(b"{"):  # UTF-16/32, which json.loads also reads
+        return json.dumps({**payload, **fields}).encode()
+    end = body.rstrip().rindex(b"}")
+    added = b"".join(b',"%s":%d' % (k.encode(), v) for k, v in fields.items())
+    return body[:end] + added + body[end:]
 
 
 def _usage_of(content: bytes) -> dict[str, Any] | None:

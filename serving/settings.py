@@ -49,7 +49,12 @@ class GatewaySettings(CommonSettings):
         default=2 * 1024 * 1024, description="Largest chat/completions request body, in bytes."
     )
     max_tokens_limit: int = Field(
-        default=16_384, description="Largest max_tokens (max_completion_tokens) accepted."
+        default=16_384,
+        description="Largest max_tokens (max_completion_tokens) accepted; also what a request "
+        "that sets none is capped at.",
+    )
+    max_choices: int = Field(
+        default=16, description="Largest n (and best_of): choices generated for one request."
     )
     auth_cache_seconds: float = Field(
         default=0.5,

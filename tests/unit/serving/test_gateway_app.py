@@ -28,8 +28,10 @@ from serving.usage import UsageMeter
 PRINCIPAL = Principal(tenant_id="t1", tenant_slug="t1", key_id="k1", scopes=frozenset({"admin"}))
 
 
-def _app(replica_url: str = "http://127.0.0.1:9") -> tuple[GatewayApp, Gateway]:
-    settings = GatewaySettings(vllm_urls=replica_url)
+def _app(
+    replica_url: str = "http://127.0.0.1:9", **settings_fields: Any
+) -> tuple[GatewayApp, Gateway]:
+    settings = GatewaySettings(vllm_urls=replica_url, **settings_fields)
     pool = ReplicaPool(settings.replica_urls, httpx.AsyncClient(), {})
     for replica in pool.replicas:
         replica.healthy, replica.base_model = True, "base"
@@ -219,3 +221,51 @@ def test_a_model_name_that_names_nothing_is_a_404_without_a_cache_entry() -> Non
         assert not gateway.models._entries
 
     asyncio.run(run())
+
+
+async def _forwarded(app: GatewayApp, body: bytes) -> tuple[list[Message], list[bytes]]:
+    """Send ``body`` through ``app`` to a scripted replica; returns what the caller got and the
+    bodies the replica received."""
+    received: list[bytes] = []
+
+    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        received.append(await reader.readexactly(length))
+        answer = b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(replica, "127.0.0.1", 0)
+    app.app.state.gateway.pool.replicas[
+        0
+    ].url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        return await _call(app, body), received
+    finally:
+        await app.app.state.gateway.upstream.aclose()
+        server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_without_max_tokens_is_capped_at_the_gateway_limit(stream: bool) -> None:
+    app, _ = _app(max_tokens_limit=100)  # the model's context (4096) is larger
+    body = json.dumps({"model": "m", "messages": [{"role": "user"}], "stream": stream}).encode()
+    sent, received = asyncio.run(_forwarded(app, body))
+    assert sent[0]["status"] == 200
+    assert json.loads(received[0])["max_completion_tokens"] == 100
+    # A limit the client set is forwarded as it is.
+    body = json.dumps({"model": "m", "messages": [{"role": "user"}], "max_tokens": 7}).encode()
+    app, _ = _app(max_tokens_limit=100)
+    _, received = asyncio.run(_forwarded(app, body))
+    assert received == [body]
+
+
+@pytest.mark.parametrize("field", ["n", "best_of"])
+@pytest.mark.parametrize("value", [0, 17, True, "2"])
+def test_too_many_choices_are_a_400(field: str, value: object) -> None:
+    app, _ = _app()
+    body = json.dumps({"model": "m", "messages": [{"role": "user"}], field: value}).encode()
+    status, error = _error(asyncio.run(_call(app, body)))
+    assert status == 400 and error["param"] == field
