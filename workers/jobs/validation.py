@@ -341,7 +341,11 @@ def _validate(ctx: WorkerContext, claim: repo.Claim) -> None:
             "max_seq_len": max_seq_len,
         }
         _end(job, JobStatus.QUEUED)
-        job.failed_attempts = 0  # the training attempts get the whole budget
+        # Training starts afresh: its attempts count from 1 and get the whole failure budget.
+        # Resetting the fencing token is safe here: a late validation write is fenced by the
+        # status as well, and a job never returns to validating_files.
+        job.attempt = 0
+        job.failed_attempts = 0
         if train.truncated:
             shown = ", ".join(f"#{i + 1}" for i in train.truncated[:20])
             add_event(

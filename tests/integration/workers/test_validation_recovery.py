@@ -60,7 +60,8 @@ def test_a_temporary_storage_error_is_retried_and_the_job_is_queued(
     validate_job(jobs.ctx, job_id)
     job = jobs.job(job_id)
     assert job.status == JobStatus.QUEUED, jobs.messages(job_id)
-    assert job.failed_attempts == 0  # training starts with the whole failure budget
+    # Training starts with the whole failure budget, and its first attempt is attempt 1.
+    assert job.failed_attempts == 0 and job.attempt == 0
 
 
 def test_validation_that_keeps_failing_fails_the_job_with_a_plain_message(
