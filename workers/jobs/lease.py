@@ -4,14 +4,17 @@ The worker's own thread blocks for long stretches that are not training: downloa
 model, a checkpoint or the tokenized data, uploading checkpoints and the adapter, waiting for
 the gateway's parity answer. A lease extended only between those steps would run out during
 them, and the reaper would hand a healthy job to another worker. So a thread of its own does
-the fenced ``touch`` every heartbeat from the claim to the end of the attempt, and says when it
-was fenced out (the job was taken over, finished or cancelled).
+the fenced ``touch`` every heartbeat from the claim to the end of the attempt, and says when the
+attempt lost the job: fenced out (taken over, finished or cancelled), or unable to reach the
+database for about as long as the lease lasts. Shorter outages (a failover, a pool timeout) only
+cost a few missed beats.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,7 +41,8 @@ class LeaseKeeper:
         self._lease_seconds = lease_seconds
         self._interval = interval
         self._stop = threading.Event()
-        self.lost = threading.Event()  # set once a touch found the attempt fenced out
+        # Set once the attempt no longer owns the job, or can no longer tell that it does.
+        self.lost = threading.Event()
         self.flags = repo.Flags(cancel_requested=False, pause_requested=False)
         self._thread = threading.Thread(target=self._run, name=f"lease-{claim.job_id}", daemon=True)
 
@@ -56,13 +60,25 @@ class LeaseKeeper:
         self._thread.join()
 
     def _run(self) -> None:
+        extended = time.monotonic()
+        # Past this, the lease may have run out and another worker may hold the job.
+        give_up_after = self._lease_seconds - 2 * self._interval
         while not self._stop.wait(self._interval):
             try:
                 with transaction(self._factory) as session:
                     self.flags = repo.touch(session, self._claim, self._lease_seconds)
+                extended = time.monotonic()
             except repo.LostJob:
                 self.lost.set()
                 return
             except Exception:
-                # The next beat tries again; the lease is long enough for a few misses.
+                if time.monotonic() - extended >= give_up_after:
+                    log.error(
+                        "job %s: lease not extended for %.0f s; giving the attempt up",
+                        self._claim.job_id,
+                        time.monotonic() - extended,
+                        exc_info=True,
+                    )
+                    self.lost.set()
+                    return
                 log.warning("job %s: lease not extended", self._claim.job_id, exc_info=True)

@@ -218,7 +218,7 @@ class JobRun:
                 if self.lease.lost.is_set():
                     raise repo.LostJob(self.claim.job_id)
                 if time.monotonic() >= next_beat:
-                    flags = self._heartbeat()
+                    flags = self._heartbeat_or_lease_flags()
                     next_beat = time.monotonic() + self.settings.heartbeat_seconds
                     if flags.cancel_requested:
                         proc.stop(self.settings.cancel_grace_seconds)
@@ -235,7 +235,7 @@ class JobRun:
         code = proc.wait()
         # Flush buffered events (raises LostJob if fenced out meanwhile); a cancel that came
         # in while the child was finishing wins over whatever it finished with.
-        if self._heartbeat().cancel_requested:
+        if self._last_heartbeat().cancel_requested:
             self._finish_cancelled()
         elif outcome.done is not None and code == 0:
             self._publish(outcome)
@@ -291,6 +291,30 @@ class JobRun:
         elif kind == "error":
             outcome.error = str(event.get("message", "training failed"))[:1000]
 
+    def _heartbeat_or_lease_flags(self) -> repo.Flags:
+        """A heartbeat that may fail for a while (a database failover): the events stay
+        buffered, and the lease thread decides when the attempt has to be given up."""
+        try:
+            return self._heartbeat()
+        except repo.LostJob:
+            raise
+        except Exception:
+            log.warning("job %s attempt %s: heartbeat failed", *self._ids(), exc_info=True)
+            return self.lease.flags
+
+    def _last_heartbeat(self) -> repo.Flags:
+        """The heartbeat after the child exited, tried again while the lease lasts."""
+        while True:
+            try:
+                return self._heartbeat()
+            except repo.LostJob:
+                raise
+            except Exception:
+                if self.lease.lost.is_set():
+                    raise repo.LostJob(self.claim.job_id) from None
+                log.warning("job %s attempt %s: heartbeat failed", *self._ids(), exc_info=True)
+                time.sleep(self.settings.heartbeat_seconds)
+
     def _heartbeat(self) -> repo.Flags:
         with transaction(self.ctx.session_factory) as session:
             flags = repo.touch(session, self.claim, self.settings.lease_seconds)
@@ -299,6 +323,7 @@ class JobRun:
                     session,
                     self.claim,
                     pending["message"],
+                    level=pending.get("level", "info"),
                     type_=pending.get("type", "message"),
                     data=pending.get("data"),
                 )
@@ -315,9 +340,22 @@ class JobRun:
             for k, v in (event.get("metrics") or outcome.last_metrics).items()
             if isinstance(v, int | float) and k != "step"
         }
-        _manifest, digest = upload_folder(
-            self.ctx.storage, path, prefix, {"job_id": job_id, "step": step, "attempt": attempt}
-        )
+        try:
+            _manifest, digest = upload_folder(
+                self.ctx.storage, path, prefix, {"job_id": job_id, "step": step, "attempt": attempt}
+            )
+        except Exception as exc:
+            # A missing checkpoint costs only the steps since the one before; the run goes on.
+            log.warning("job %s: checkpoint at step %s not uploaded", job_id, step, exc_info=True)
+            self._pending_events.append(
+                {
+                    "message": f"The checkpoint at step {step} could not be saved "
+                    f"({type(exc).__name__}); training goes on, and a resume would start from "
+                    "the checkpoint before it.",
+                    "level": "warn",
+                }
+            )
+            return
         try:
             with transaction(self.ctx.session_factory) as session:
                 repo.touch(session, self.claim, self.settings.lease_seconds)

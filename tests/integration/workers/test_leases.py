@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from common.jobs import JobStatus
 from models_db.models import FineTuningJob
 from models_db.session import transaction
 from tests.integration.workers.conftest import Jobs
+from workers.jobs import repository as repo
 from workers.jobs import runner
 from workers.jobs.parity import ParityResult
 
@@ -95,3 +97,70 @@ def test_an_attempt_taken_over_while_uploading_cannot_overwrite_the_published_ad
     # The late attempt's own upload is gone: only the published folder is left.
     keys = jobs.ctx.storage.list_keys(f"tenants/{jobs.tenant_id}/models/")
     assert keys and all(k.startswith(f"{model.storage_prefix}/") for k in keys), keys
+
+
+class _Outage:
+    """The database refuses the lease's and the heartbeat's updates for a while, from the moment
+    the first training process starts (a failover; a pool that cannot hand out connections)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        self.seconds = seconds
+        self.until = 0.0
+        self.processes: list[runner.TrainingProcess] = []
+        real_touch = repo.touch
+        outage = self
+
+        def touch(*args: Any, **kwargs: Any) -> repo.Flags:
+            if time.monotonic() < outage.until:
+                raise OperationalError(
+                    "UPDATE fine_tuning_jobs", {}, Exception("server closed the connection")
+                )
+            return real_touch(*args, **kwargs)
+
+        class OutageAtStart(runner.TrainingProcess):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                outage.processes.append(self)
+                if len(outage.processes) == 1:
+                    outage.until = time.monotonic() + outage.seconds
+
+        monkeypatch.setattr(repo, "touch", touch)
+        monkeypatch.setattr(runner, "TrainingProcess", OutageAtStart)
+
+    def end(self) -> None:
+        self.until = 0.0
+
+
+def test_a_database_outage_shorter_than_the_lease_costs_nothing(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = jobs.queued()
+    _Outage(monkeypatch, seconds=jobs.ctx.settings.lease_seconds / 2)
+
+    jobs.run(max_jobs=1)
+
+    job = jobs.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED, jobs.messages(job_id)
+    assert job.attempt == 1 and job.failed_attempts == 0
+
+
+def test_a_database_outage_longer_than_the_lease_stops_the_training(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = jobs.queued()
+    outage = _Outage(monkeypatch, seconds=3600)
+
+    jobs.run(max_jobs=1)
+
+    (process,) = outage.processes
+    assert process.proc.poll() is not None  # no training goes on without a lease
+    job = jobs.job(job_id)
+    assert job.status == JobStatus.RUNNING  # nothing could be written; the reaper decides
+    assert not [m for m in jobs.messages(job_id) if "failed" in m]
+    outage.end()
+    jobs.expire_lease(job_id)
+    assert jobs.reap() == 1
+    jobs.run()
+    job = jobs.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED, jobs.messages(job_id)
+    assert job.failed_attempts == 1  # the lost attempt, counted once
