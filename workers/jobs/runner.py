@@ -333,6 +333,16 @@ class JobRun:
     def _record_checkpoint(
         self, step: int, path: Path, event: dict[str, Any], outcome: _Outcome
     ) -> None:
+        try:
+            self._save_checkpoint(step, path, event, outcome)
+        finally:
+            # The trainer writes every checkpoint to a folder of its own and never reads it
+            # again: once uploaded and recorded (or given up on) it would only fill the disk.
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _save_checkpoint(
+        self, step: int, path: Path, event: dict[str, Any], outcome: _Outcome
+    ) -> None:
         job_id, attempt = self._ids()
         prefix = f"tenants/{self.claim.tenant_id}/jobs/{job_id}/checkpoints/step-{step}-a{attempt}"
         metrics = {
@@ -344,19 +354,6 @@ class JobRun:
             _manifest, digest = upload_folder(
                 self.ctx.storage, path, prefix, {"job_id": job_id, "step": step, "attempt": attempt}
             )
-        except Exception as exc:
-            # A missing checkpoint costs only the steps since the one before; the run goes on.
-            log.warning("job %s: checkpoint at step %s not uploaded", job_id, step, exc_info=True)
-            self._pending_events.append(
-                {
-                    "message": f"The checkpoint at step {step} could not be saved "
-                    f"({type(exc).__name__}); training goes on, and a resume would start from "
-                    "the checkpoint before it.",
-                    "level": "warn",
-                }
-            )
-            return
-        try:
             with transaction(self.ctx.session_factory) as session:
                 repo.touch(session, self.claim, self.settings.lease_seconds)
                 session.add(
@@ -371,8 +368,21 @@ class JobRun:
                     )
                 )
                 repo.add_event(session, self.claim, f"Checkpoint saved at step {step}.")
+        except repo.LostJob:
+            raise
         except IntegrityError:
             log.info("checkpoint at step %s of %s already recorded", step, job_id)
+        except Exception as exc:
+            # A missing checkpoint costs only the steps since the one before; the run goes on.
+            log.warning("job %s: checkpoint at step %s not saved", job_id, step, exc_info=True)
+            self._pending_events.append(
+                {
+                    "message": f"The checkpoint at step {step} could not be saved "
+                    f"({type(exc).__name__}); training goes on, and a resume would start from "
+                    "the checkpoint before it.",
+                    "level": "warn",
+                }
+            )
 
     # -- endings ---------------------------------------------------------------------------
 
