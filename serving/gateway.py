@@ -10,6 +10,8 @@ unchanged, byte for byte for streams.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -109,6 +111,7 @@ class Gateway:
         )
         self.limits: RefreshingCache[Limits] = RefreshingCache(5.0, 60.0)
         self.upstream_headers = {"content-type": "application/json"}
+        self._salts: dict[str, str] = {}  # tenant -> its prefix-cache salt
         # Billing of unfinished requests (serving/unfinished.py), running after they ended.
         self._billing: set[asyncio.Task[None]] = set()
         if settings.vllm_api_key:
@@ -196,15 +199,29 @@ class Gateway:
                 code="rate_limit_exceeded",
                 headers={"retry-after": retry_after_header(decision.retry_after)},
             )
+        # Each tenant's prompts get their own blocks in vLLM's prefix cache: shared blocks would
+        # let a tenant learn from time-to-first-token what others sent (the client's value, if
+        # any, is overridden).
+        fields: dict[str, Any] = {**cap, "cache_salt": self._cache_salt(principal.tenant_id)}
         strip_usage = False
         if stream and not (options is not None and options.get("include_usage") is True):
             payload["stream_options"] = {**(options or {}), "include_usage": True}
-            payload.update(cap)
+            payload.update(fields)
             body = json.dumps(payload).encode()
             strip_usage = True
-        elif cap:
-            body = _with_fields(body, payload, cap)
+        else:
+            body = _with_fields(body, payload, fields)
         return Call(endpoint, principal, model, limits, body, stream, strip_usage)
+
+    def _cache_salt(self, tenant_id: str) -> str:
+        salt = self._salts.get(tenant_id)
+        if salt is None:
+            key = f"cache-salt:{tenant_id}".encode()
+            salt = hmac.new(self.settings.secret_key.encode(), key, hashlib.sha256).hexdigest()[:32]
+            if len(self._salts) >= 100_000:
+                self._salts.clear()
+            self._salts[tenant_id] = salt
+        return salt
 
     def _too_large(self) -> GatewayError:
         return GatewayError(
@@ -568,14 +585,14 @@ async def until_disconnect(receive: Receive) -> None:
         pass
 
 
-def _with_fields(body: bytes, payload: dict[str, Any], fields: dict[str, int]) -> bytes:
+def _with_fields(body: bytes, payload: dict[str, Any], fields: dict[str, Any]) -> bytes:
     """``body`` (``payload`` as the client encoded it) with ``fields`` added as its last
     members, without re-encoding it where it is UTF-8: vLLM, like the gateway, keeps the last
     copy of a repeated key."""
     if not body.lstrip().startswith(b"{"):  # UTF-16/32, which json.loads also reads
         return json.dumps({**payload, **fields}).encode()
     end = body.rstrip().rindex(b"}")
-    added = b"".join(b',"%s":%d' % (k.encode(), v) for k, v in fields.items())
+    added = b"".join(b',"%s":%s' % (k.encode(), json.dumps(v).encode()) for k, v in fields.items())
     return body[:end] + added + body[end:]
 
 

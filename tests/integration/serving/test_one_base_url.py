@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
+from sqlalchemy import select
 
+from models_db.models import FineTunedModel
 from tests import sample_data
 from tests.conftest import TenantCreds, free_port, start_server
 from tests.integration.conftest import TrainingStack, wait_status
@@ -90,7 +92,9 @@ def test_upload_train_and_chat_through_one_base_url(
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     s3 = stack.s3()
-    prefix = f"{stack.s3_prefix}/tenants/{tenant.tenant_id}/models/{job.id}"
+    with stack.api.session_factory() as session:  # type: ignore[operator]
+        row = session.scalars(select(FineTunedModel).where(FineTunedModel.id == name)).one()
+        prefix = f"{stack.s3_prefix}/{row.storage_prefix}"
     for filename in ("adapter_config.json", "adapter_model.safetensors"):
         body = s3.get_object(Bucket=stack.bucket, Key=f"{prefix}/{filename}")["Body"].read()
         (adapter / filename).write_bytes(body)

@@ -195,8 +195,12 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_frees_it_and_is_billed(
             # base model, with the caller's messages) or else estimated, and the token relayed.
             await gateway.finish_billing(timeout=5)
             assert tokenized == [{"model": "base", "messages": messages}]
-            # (the estimate is of the body sent to vLLM, which asks for the usage chunk)
-            sent_on = {**json.loads(body), "stream_options": {"include_usage": True}}
+            # (the estimate is of the body sent to vLLM: with the usage chunk asked for, salted)
+            sent_on = {
+                **json.loads(body),
+                "stream_options": {"include_usage": True},
+                "cache_salt": gateway._cache_salt("t1"),
+            }
             prompt = 7 if tokenizer_answers else len(json.dumps(sent_on)) // 4
             assert dict(gateway.meter._pending) == {
                 ("t1", "m", "prompt_tokens"): prompt,
@@ -259,7 +263,21 @@ def test_a_request_without_max_tokens_is_capped_at_the_gateway_limit(stream: boo
     body = json.dumps({"model": "m", "messages": [{"role": "user"}], "max_tokens": 7}).encode()
     app, _ = _app(max_tokens_limit=100)
     _, received = asyncio.run(_forwarded(app, body))
-    assert received == [body]
+    assert json.loads(received[0])["max_tokens"] == 7
+    assert "max_completion_tokens" not in json.loads(received[0])
+
+
+def test_each_tenant_s_prompts_get_their_own_prefix_cache_salt() -> None:
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user"}], "max_tokens": 1, "cache_salt": "mine"}
+    ).encode()
+    app, gateway = _app()
+    _, received = asyncio.run(_forwarded(app, body))
+    forwarded = json.loads(received[0])
+    salt = forwarded.pop("cache_salt")
+    assert salt == gateway._cache_salt("t1") != "mine"  # the client's value is overridden
+    assert len(salt) == 32 and salt != gateway._cache_salt("t2")
+    assert forwarded == {k: v for k, v in json.loads(body).items() if k != "cache_salt"}
 
 
 @pytest.mark.parametrize("field", ["n", "best_of"])
