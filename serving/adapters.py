@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -70,6 +71,11 @@ class AdapterLoadError(Exception):
     """A replica refused or failed to register an adapter."""
 
 
+class AdapterRefused(AdapterLoadError):
+    """The replica answered, and refused this adapter (its rank above the replica's maximum,
+    say): the adapter's problem, not the replica's health."""
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -114,12 +120,34 @@ def fetch_verified(storage: ObjectStorage, ref: AdapterRef, dest: Path) -> int:
                     f"{ref.name}: {name} does not match the sha256 in its manifest"
                 )
             total += target.stat().st_size
-        (staging / _VERIFIED_MARK).write_text(ref.manifest_sha256)
+        # The manifest it matched, and the adapter's name (for a later process to adopt it).
+        (staging / _VERIFIED_MARK).write_text(f"{ref.manifest_sha256}\n{ref.name}")
         staging.rename(dest)
         return total
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _folders(root: Path) -> list[Path]:
+    return [entry for entry in root.iterdir() if entry.is_dir()]
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The adapter's files in ``folder``, as ``fetch_verified`` counts them (not the marker)."""
+    return sum(
+        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != _VERIFIED_MARK
+    )
+
+
+def _marked_name(marker: Path) -> str | None:
+    """The adapter name a verified folder's marker records (None: not verified, or written by
+    a version that did not record it)."""
+    try:
+        lines = marker.read_text().split("\n")
+    except OSError:
+        return None
+    return lines[1] if len(lines) == 2 and lines[1] else None
 
 
 class AdapterCache:
@@ -133,14 +161,30 @@ class AdapterCache:
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self.downloads = 0
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".fetch-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        self._adopt_folders()
+
+    def _adopt_folders(self) -> None:
+        """Count the folders an earlier process left (oldest first), so the byte bound holds
+        across restarts; drop unfinished downloads and folders that cannot be accounted for."""
+        found: list[tuple[float, str, int]] = []
+        for folder in _folders(self._root):
+            marker = folder / _VERIFIED_MARK
+            name = _marked_name(marker)
+            if folder.name.startswith(".fetch-") or name is None or self.path_for(name) != folder:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            size = _folder_bytes(folder)
+            found.append((marker.stat().st_mtime, name, size))
+        for _, name, size in sorted(found):
+            self._sizes[name] = size
 
     def path_for(self, name: str) -> Path:
         return self._root / hashlib.sha256(name.encode()).hexdigest()[:32]
 
-    async def ensure(self, ref: AdapterRef, pinned: set[str]) -> Path:
-        """A local, verified copy of ``ref``; ``pinned`` names must not be evicted."""
+    async def ensure(self, ref: AdapterRef, pinned: Callable[[], set[str]]) -> Path:
+        """A local, verified copy of ``ref``. ``pinned()`` names the folders that must not be
+        evicted; it is asked when room is made (after the download, which may take long), not
+        before."""
         path = self.path_for(ref.name)
         marker = path / _VERIFIED_MARK
         if ref.name in self._sizes and marker.exists():
@@ -154,7 +198,7 @@ class AdapterCache:
             size = await to_thread.run_sync(self._fetch_or_adopt, ref, path)
             self._sizes[ref.name] = size
             self._sizes.move_to_end(ref.name)
-            self._evict(keep=pinned | {ref.name})
+            self._evict(keep=pinned() | {ref.name})
             future.set_result(path)
             return path
         except BaseException as exc:
@@ -167,9 +211,9 @@ class AdapterCache:
 
     def _fetch_or_adopt(self, ref: AdapterRef, path: Path) -> int:
         marker = path / _VERIFIED_MARK
-        if marker.exists() and marker.read_text() == ref.manifest_sha256:
+        if marker.exists() and marker.read_text().split("\n")[0] == ref.manifest_sha256:
             # Left by an earlier gateway process; it was verified when it was written.
-            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            return _folder_bytes(path)
         shutil.rmtree(path, ignore_errors=True)
         try:
             size = fetch_verified(self._storage, ref, path)
@@ -213,16 +257,32 @@ class AdapterPlacer:
         self._capacity = max(1, capacity)
         # Requests in flight per (replica url, adapter): such an adapter is not evicted.
         self.busy: Counter[tuple[str, str]] = Counter()
+        # Adapters between their fetch and their registration: their folders must stay.
+        self._placing: Counter[str] = Counter()
         self.loads = 0
 
-    def _registered_anywhere(self) -> set[str]:
-        return {name for r in self._pool.replicas for name in r.adapters}
+    def _in_use(self) -> set[str]:
+        """Adapters whose local folders must stay: registered somewhere, being placed, or
+        serving a request (a replica may have lost one behind our back and read it again)."""
+        names = {name for r in self._pool.replicas for name in r.adapters}
+        names.update(self._placing)
+        names.update(name for (_, name), count in self.busy.items() if count > 0)
+        return names
 
     async def ensure_loaded(self, replica: Replica, ref: AdapterRef) -> None:
         if ref.name in replica.adapters:
             replica.touch(ref.name)
             return
-        path = await self._cache.ensure(ref, pinned=self._registered_anywhere())
+        self._placing[ref.name] += 1
+        try:
+            path = await self._cache.ensure(ref, pinned=self._in_use)
+            await self._register(replica, ref, path)
+        finally:
+            self._placing[ref.name] -= 1
+            if self._placing[ref.name] <= 0:
+                del self._placing[ref.name]
+
+    async def _register(self, replica: Replica, ref: AdapterRef, path: Path) -> None:
         async with replica.admin_lock:
             if ref.name in replica.adapters:
                 replica.touch(ref.name)
@@ -235,7 +295,7 @@ class AdapterPlacer:
                 timeout=120.0,
             )
             if response.status_code != 200 and "already been loaded" not in response.text:
-                raise AdapterLoadError(
+                raise AdapterRefused(
                     f"replica {replica.url} refused adapter {ref.name}: "
                     f"{response.status_code} {response.text[:300]}"
                 )
@@ -279,10 +339,12 @@ class AdapterPlacer:
     async def retire(self, name: str) -> None:
         """Unload a retired model from every replica and drop its local copy."""
         for replica in self._pool.replicas:
-            if name in replica.adapters:
-                async with replica.admin_lock:
-                    try:
-                        await self._unload(replica, name)
-                    except (httpx.HTTPError, AdapterLoadError):
-                        log.warning("could not unload retired %s from %s", name, replica.url)
+            # Under the lock: a load of this adapter in progress finishes first, then goes.
+            async with replica.admin_lock:
+                if name not in replica.adapters:
+                    continue
+                try:
+                    await self._unload(replica, name)
+                except (httpx.HTTPError, AdapterLoadError):
+                    log.warning("could not unload retired %s from %s", name, replica.url)
         self._cache.forget(name)

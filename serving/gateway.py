@@ -31,6 +31,7 @@ from api.errors import error_body
 from api.tenancy import keys
 from api.tenancy.service import Principal, authenticate
 from common.ids import is_plausible_id
+from common.storage import StorageError
 from serving import unfinished
 from serving.adapters import (
     AdapterCache,
@@ -38,6 +39,7 @@ from serving.adapters import (
     AdapterLoadError,
     AdapterPlacer,
     AdapterRef,
+    AdapterRefused,
 )
 from serving.cache import RefreshingCache
 from serving.catalog import ModelCatalog, ResolvedModel
@@ -339,7 +341,13 @@ class Gateway:
         while True:
             replica = self._choose(call, frozenset(tried))
             if call.model.adapter is not None:
-                await self._place(replica, call)
+                try:
+                    await self._place(replica, call)
+                except httpx.TransportError as exc:  # the replica, not the adapter
+                    replica.mark_failed(f"loading {call.model.name}: {exc!r}")
+                    log.warning("replica %s failed a load (%r); trying another", replica.url, exc)
+                    tried.add(replica)
+                    continue
             release = self._hold(replica, call.model.name)
             try:
                 started = time.perf_counter()
@@ -408,11 +416,29 @@ class Gateway:
                 "have been alerted.",
                 "adapter_integrity_error",
             ) from None
+        except AdapterRefused as exc:
+            # This adapter's problem (a rank above the replica's maximum, say): the replica
+            # stays in routing for everyone else.
+            log.error("%s", exc)
+            raise unavailable(
+                f"The model '{call.model.name}' could not be loaded by the serving fleet; the "
+                "operators have been alerted.",
+                "adapter_load_failed",
+            ) from exc
+        except httpx.TransportError:
+            raise  # the replica is unreachable: forward() tries another
         except (AdapterLoadError, httpx.HTTPError) as exc:
             replica.mark_failed(str(exc))
             raise unavailable(
                 f"The model '{call.model.name}' could not be loaded right now; try again.",
                 "adapter_load_failed",
+            ) from exc
+        except (StorageError, OSError) as exc:
+            # Object storage or the local disk, not the replica.
+            log.error("fetching adapter %s failed: %r", call.model.name, exc)
+            raise unavailable(
+                f"The model '{call.model.name}' is unavailable right now; try again shortly.",
+                "adapter_unavailable",
             ) from exc
 
     async def _respond(

@@ -97,13 +97,44 @@ def test_single_flight_and_lru_eviction(storage: LocalStorage, tmp_path: Path) -
     cache = AdapterCache(storage, tmp_path / "cache", max_bytes=2 * size)
 
     async def run() -> None:
-        paths = await asyncio.gather(*(cache.ensure(refs[0], set()) for _ in range(50)))
+        paths = await asyncio.gather(*(cache.ensure(refs[0], set) for _ in range(50)))
         assert len(set(paths)) == 1 and cache.downloads == 1
-        await cache.ensure(refs[1], set())
+        await cache.ensure(refs[1], set)
         # A third adapter evicts the least recently used one that is not pinned.
-        await cache.ensure(refs[2], pinned={"ft:0"})
+        await cache.ensure(refs[2], pinned=lambda: {"ft:0"})
         assert cache.path_for("ft:0").exists()
         assert not cache.path_for("ft:1").exists()
         assert cache.downloads == 3
 
     asyncio.run(run())
+
+
+def test_a_restarted_gateway_counts_the_folders_it_finds(
+    storage: LocalStorage, tmp_path: Path
+) -> None:
+    refs = []
+    for i in range(3):
+        digest = _publish(storage, f"t/models/{i}", GOOD)
+        refs.append(AdapterRef(f"ft:{i}", "tiny", f"t/models/{i}", digest))
+    size = sum(len(v) for v in GOOD.values())
+    root = tmp_path / "cache"
+
+    async def fill() -> None:
+        first = AdapterCache(storage, root, max_bytes=2 * size)
+        await first.ensure(refs[0], set)
+        await first.ensure(refs[1], set)
+
+    asyncio.run(fill())
+    (root / ".fetch-x").mkdir()  # an interrupted download
+    (root / "unknown").mkdir()  # nothing says what this is
+    restarted = AdapterCache(storage, root, max_bytes=2 * size)
+    assert not (root / ".fetch-x").exists() and not (root / "unknown").exists()
+
+    async def third() -> None:
+        await restarted.ensure(refs[2], set)
+
+    asyncio.run(third())
+    # The bound held across the restart: the oldest folder made room, without a download.
+    assert not restarted.path_for("ft:0").exists()
+    assert restarted.path_for("ft:1").exists() and restarted.path_for("ft:2").exists()
+    assert restarted.downloads == 1

@@ -4,9 +4,12 @@ malformed requests and callers that leave."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +21,7 @@ from api.tenancy.service import Principal
 from serving.app import GatewayApp
 from serving.catalog import ResolvedModel
 from serving.errors import GatewayError
-from serving.gateway import Gateway
+from serving.gateway import Call, Gateway
 from serving.ratelimit import Limits, LocalRateLimiter
 from serving.replicas import ReplicaPool
 from serving.settings import GatewaySettings
@@ -287,3 +290,62 @@ def test_too_many_choices_are_a_400(field: str, value: object) -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user"}], field: value}).encode()
     status, error = _error(asyncio.run(_call(app, body)))
     assert status == 400 and error["param"] == field
+
+
+def _placing_gateway(
+    tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], *, published: bool
+) -> tuple[Gateway, Call]:
+    """A gateway whose replica's admin calls go to ``handler``, placing one adapter stored in
+    a local folder (``published``: its files are there)."""
+    from common.storage import LocalStorage
+    from serving.adapters import AdapterCache, AdapterPlacer, AdapterRef
+
+    storage = LocalStorage(tmp_path / "objects")
+    digest = "0" * 64
+    if published:
+        files = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+        manifest = {
+            "files": {n: {"sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+        }
+        for name, data in files.items():
+            storage.put_bytes(f"t/models/a/{name}", data)
+        body = json.dumps(manifest).encode()
+        storage.put_bytes("t/models/a/manifest.json", body)
+        digest = hashlib.sha256(body).hexdigest()
+    _, gateway = _app()
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    gateway.cache = AdapterCache(storage, tmp_path / "cache", 10**9)
+    gateway.placer = AdapterPlacer(gateway.pool, gateway.cache, client, {}, capacity=2)
+    ref = AdapterRef("ft:a", "base", "t/models/a", digest)
+    model = ResolvedModel("ft:a", "base", 4096, ref)
+    return gateway, Call("chat/completions", PRINCIPAL, model, Limits(1, 1), b"{}", False, False)
+
+
+def test_an_adapter_the_replica_refuses_is_a_503_that_leaves_the_replica_in_routing(
+    tmp_path: Path,
+) -> None:
+    refuse = lambda _: httpx.Response(500, text="LoRA rank 64 is greater than max_lora_rank 16")  # noqa: E731
+    gateway, call = _placing_gateway(tmp_path, refuse, published=True)
+    replica = gateway.pool.replicas[0]
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(gateway._place(replica, call))
+    assert caught.value.status == 503 and caught.value.code == "adapter_load_failed"
+    assert replica.available
+
+
+def test_an_adapter_missing_from_storage_is_a_503_not_a_500(tmp_path: Path) -> None:
+    gateway, call = _placing_gateway(tmp_path, lambda _: httpx.Response(200), published=False)
+    replica = gateway.pool.replicas[0]
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(gateway._place(replica, call))
+    assert caught.value.status == 503 and caught.value.code == "adapter_unavailable"
+    assert replica.available
+
+
+def test_a_replica_unreachable_during_a_load_is_left_for_another(tmp_path: Path) -> None:
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    gateway, call = _placing_gateway(tmp_path, unreachable, published=True)
+    with pytest.raises(httpx.TransportError):  # forward() marks it failed and tries another
+        asyncio.run(gateway._place(gateway.pool.replicas[0], call))
