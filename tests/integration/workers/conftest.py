@@ -223,11 +223,24 @@ class Jobs:
 
 
 @pytest.fixture
-def make_jobs(fresh_database, tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+def database_url(request: pytest.FixtureRequest, fresh_database, tmp_path: Path) -> str:  # type: ignore[no-untyped-def]
+    """A fresh migrated database: Postgres, or SQLite (embedded mode) when a test is
+    parametrized with ``indirect=["database_url"]`` and "sqlite"."""
+    if getattr(request, "param", "postgres") == "sqlite":
+        import migrations
+
+        url = f"sqlite:///{tmp_path / 'embedded.db'}"
+        migrations.upgrade(url)
+        return url
+    return str(fresh_database(migrate=True))
+
+
+@pytest.fixture
+def make_jobs(database_url: str, tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory: an in-process worker (settings overridable) with a tenant, a file and a
     subscribed webhook endpoint, on a fresh migrated database."""
     contexts: list[WorkerContext] = []
-    url = fresh_database(migrate=True)
+    url = database_url
 
     def factory(examples: int = 16, **overrides: Any) -> Jobs:
         settings = WorkerSettings(

@@ -50,5 +50,6 @@ def test_a_checkpoint_leaves_the_workers_disk_once_it_is_saved(
     jobs.run(max_jobs=1)
 
     assert jobs.job(job_id).status == JobStatus.SUCCEEDED, jobs.messages(job_id)
-    # When each checkpoint is uploaded, the ones before it are already gone.
-    assert on_disk == [["checkpoint-2"], ["checkpoint-4"], ["checkpoint-6"]]
+    # When each checkpoint is uploaded, the ones before it are already gone (later ones may
+    # be there: the training does not wait for the upload).
+    assert [folders[0] for folders in on_disk] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]

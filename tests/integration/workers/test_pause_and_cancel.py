@@ -140,6 +140,7 @@ def test_a_cancel_as_the_training_process_ends_cancels_the_job(
     _cancelled_and_nothing_published(jobs, job_id)
 
 
+@pytest.mark.parametrize("database_url", ["postgres", "sqlite"], indirect=True)
 def test_an_attempt_that_fails_with_a_cancel_pending_cancels_the_job(
     jobs: Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:

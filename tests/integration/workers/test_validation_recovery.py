@@ -44,6 +44,7 @@ def _retry_is_due(jobs: Jobs, job_id: str) -> None:
     assert jobs.outbox(VALIDATE_JOB_TASK, job_id) == before + 1
 
 
+@pytest.mark.parametrize("database_url", ["postgres", "sqlite"], indirect=True)
 def test_a_temporary_storage_error_is_retried_and_the_job_is_queued(
     jobs: Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,6 +83,7 @@ def test_validation_that_keeps_failing_fails_the_job_with_a_plain_message(
     assert jobs.webhooks(job_id) == ["fine_tuning.job.failed"]
 
 
+@pytest.mark.parametrize("database_url", ["postgres", "sqlite"], indirect=True)
 def test_a_worker_that_dies_while_validating_is_replaced(
     jobs: Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,6 +101,7 @@ def test_a_worker_that_dies_while_validating_is_replaced(
     assert jobs.job(job_id).status == JobStatus.QUEUED, jobs.messages(job_id)
 
 
+@pytest.mark.parametrize("database_url", ["postgres", "sqlite"], indirect=True)
 def test_a_lost_validation_message_is_sent_again(jobs: Jobs) -> None:
     job_id = jobs.create()
     assert jobs.reap() == 0  # a new job's message is on its way
