@@ -163,7 +163,9 @@ async def _watch_models(gateway: Gateway, interval: float) -> None:
                 bases = current
                 gateway.models.watched(polled, valid_for=2 * interval)
                 since = started - 60  # overlap: rows retired during the query are seen next time
-                for name in {name for name, _ in retired} - handled:
+                names = {name for name, _ in retired}
+                handled &= names  # only the overlap window's retirements can come back
+                for name in names - handled:
                     handled.add(name)
                     task = asyncio.create_task(_unload_retired(gateway, name, handled))
                     unloading.add(task)
@@ -351,6 +353,8 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return GatewayApp(
-        Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    starlette = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )
+    starlette.router.redirect_slashes = False  # as the API (ADR 0012): "/v1/models/" is a 404
+    return GatewayApp(starlette)

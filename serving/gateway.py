@@ -10,6 +10,7 @@ unchanged, byte for byte for streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -379,7 +380,7 @@ class Gateway:
                 self.placer.forget_on(replica, call.model.name)
                 reloaded = True
                 continue
-            return await self._respond(call, upstream, release, metered=metered)
+            return await self._respond(call, replica, upstream, release, metered=metered)
 
     def _hold(self, replica: Replica, adapter: str) -> Callable[[], None]:
         """Count a request in flight on ``replica`` (and its adapter); returns the release."""
@@ -444,6 +445,7 @@ class Gateway:
     async def _respond(
         self,
         call: Call,
+        replica: Replica,
         upstream: UpstreamResponse,
         release: Callable[[], None],
         *,
@@ -474,7 +476,9 @@ class Gateway:
                 self._count(call, _usage_of(content))
             return Response(content, status_code=upstream.status_code, headers=headers)
 
-        return RelayResponse(headers, self._relay(call, upstream), upstream, release)
+        return RelayResponse(
+            headers, self._relay(call, upstream), upstream, release, replica.mark_failed
+        )
 
     async def _relay(self, call: Call, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
         """Pass SSE events through; take usage from the final chunk (dropped if we added it).
@@ -581,6 +585,7 @@ class RelayResponse(Response):
         chunks: AsyncIterator[bytes],
         upstream: UpstreamResponse,
         release: Callable[[], None],
+        replica_failed: Callable[[str], None],
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -588,6 +593,7 @@ class RelayResponse(Response):
         self._chunks = chunks
         self._upstream = upstream
         self._release = release
+        self._replica_failed = replica_failed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -597,6 +603,20 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except CallerLeft:
             pass  # nobody is listening any more
+        except UpstreamError as exc:
+            # The replica broke off mid-answer. Headers are sent, so the caller learns it the
+            # way OpenAI's streams say it (an error event, which the openai SDK raises).
+            log.warning("a replica broke off a streamed answer: %s", exc)
+            self._replica_failed(f"broke off a stream: {exc}")
+            error = error_body(
+                "The model's server failed while answering; try again.",
+                "server_error",
+                None,
+                "upstream_failed",
+            )
+            event = b"data: " + json.dumps(error).encode() + b"\n\n"
+            with contextlib.suppress(OSError):  # (the caller may be gone too)
+                await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:
             try:
                 await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator

@@ -103,6 +103,13 @@ class _Connection(asyncio.Protocol):
 
     # ---- httptools callbacks -----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request (a broken replica): it is not part of the first,
+            # and the connection is never reused.
+            self.keep_alive = False
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -114,6 +121,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return  # (the body of a second answer: see on_message_begin)
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -295,6 +304,9 @@ class UpstreamPool:
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
         head.append(f"content-length: {len(body)}\r\n\r\n".encode())
         message = b"".join(head) + body
+        if abandon is not None and abandon.done() and not abandon.cancelled():
+            # Gone already (while its adapter was being placed, say): nothing is sent.
+            raise CallerLeft("the caller went away")
         while True:
             conn, reused = await self._acquire(key)
             try:

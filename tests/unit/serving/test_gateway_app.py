@@ -349,3 +349,34 @@ def test_a_replica_unreachable_during_a_load_is_left_for_another(tmp_path: Path)
     gateway, call = _placing_gateway(tmp_path, unreachable, published=True)
     with pytest.raises(httpx.TransportError):  # forward() marks it failed and tries another
         asyncio.run(gateway._place(gateway.pool.replicas[0], call))
+
+
+def test_a_replica_breaking_off_a_stream_ends_it_with_an_error_event() -> None:
+    async def run() -> None:
+        async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+            writer.write(b"transfer-encoding: chunked\r\n\r\n")
+            event = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            writer.transport.abort()  # dies mid-answer
+
+        server = await asyncio.start_server(replica, "127.0.0.1", 0)
+        app, gateway = _app(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        body = b'{"model": "m", "messages": [{"role": "user"}], "stream": true}'
+        try:
+            sent = await asyncio.wait_for(_call(app, body), 5)
+        finally:
+            await gateway.upstream.aclose()
+            server.close()
+        assert sent[0]["status"] == 200
+        streamed = b"".join(m.get("body", b"") for m in sent[1:])
+        assert b'"content":"a"' in streamed
+        last = sent[-1]
+        assert last["more_body"] is False and last["body"].startswith(b"data: ")
+        assert json.loads(last["body"][6:])["error"]["code"] == "upstream_failed"
+        replica_ = gateway.pool.replicas[0]
+        assert not replica_.available and replica_.inflight == 0
+
+    asyncio.run(run())

@@ -316,3 +316,55 @@ def test_an_abandoned_request_closes_its_connection_and_raises_caller_left() -> 
             server.close()
 
     _LOOP.run(run())
+
+
+def test_a_caller_gone_before_the_request_is_sent_sends_nothing() -> None:
+    async def run() -> None:
+        server, url, accepted = await _serve(_echo_forever)
+        pool = UpstreamPool(read_timeout=5)
+        left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        left.set_result(None)
+        try:
+            with pytest.raises(CallerLeft):
+                await pool.post(url, b"{}", {}, abandon=left)
+            await asyncio.sleep(0.05)
+            assert accepted == []  # not even a connection
+        finally:
+            await pool.aclose()
+            server.close()
+
+    _LOOP.run(run())
+
+
+def test_a_second_answer_to_one_request_is_not_part_of_the_first() -> None:
+    async def run() -> None:
+        connections: list[int] = []
+
+        async def twice_then_echo(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            connections.append(1)
+            if len(connections) > 1:
+                await _echo_forever(reader, writer)
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
+            await writer.drain()
+            await reader.read()
+
+        server, url, accepted = await _serve(twice_then_echo)
+        pool = UpstreamPool(read_timeout=5)
+        try:
+            response = await pool.post(url, b"{}", {})
+            assert await response.aread() == b"ok"
+            await response.aclose()
+            # The connection that carried two answers is not reused for the next request.
+            response = await pool.post(url, b'{"n": 2}', {})
+            assert (await response.aread()).endswith(b'|{"n": 2}')
+            await response.aclose()
+            assert len(accepted) == 2
+        finally:
+            await pool.aclose()
+            server.close()
+
+    _LOOP.run(run())
