@@ -477,7 +477,12 @@ class Gateway:
             return Response(content, status_code=upstream.status_code, headers=headers)
 
         return RelayResponse(
-            headers, self._relay(call, upstream), upstream, release, replica.mark_failed
+            headers,
+            self._relay(call, upstream),
+            upstream,
+            release,
+            replica.mark_failed,
+            send_timeout=self.settings.upstream_timeout_seconds,
         )
 
     async def _relay(self, call: Call, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -586,6 +591,8 @@ class RelayResponse(Response):
         upstream: UpstreamResponse,
         release: Callable[[], None],
         replica_failed: Callable[[str], None],
+        *,
+        send_timeout: float,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -594,15 +601,28 @@ class RelayResponse(Response):
         self._upstream = upstream
         self._release = release
         self._replica_failed = replica_failed
+        self._send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for chunk in self._chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # A caller that stops reading (its socket buffer full, uvicorn waiting to drain)
+            # must not hold the replica and its adapter forever: each piece gets as long to go
+            # out as the replica gets to produce one.
+            async with asyncio.timeout(None) as deadline:
+                deadline.reschedule(loop.time() + self._send_timeout)
+                start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                await send(start)
+                deadline.reschedule(None)  # (the replica's pace is the upstream timeout's job)
+                async for chunk in self._chunks:
+                    deadline.reschedule(loop.time() + self._send_timeout)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    deadline.reschedule(None)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except CallerLeft:
             pass  # nobody is listening any more
+        except TimeoutError:
+            log.warning("a caller stopped reading its stream for %g s; closed", self._send_timeout)
         except UpstreamError as exc:
             # The replica broke off mid-answer. Headers are sent, so the caller learns it the
             # way OpenAI's streams say it (an error event, which the openai SDK raises).

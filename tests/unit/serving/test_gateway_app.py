@@ -380,3 +380,45 @@ def test_a_replica_breaking_off_a_stream_ends_it_with_an_error_event() -> None:
         assert not replica_.available and replica_.inflight == 0
 
     asyncio.run(run())
+
+
+def test_a_caller_that_stops_reading_lets_go_of_the_replica() -> None:
+    async def run() -> None:
+        async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+            writer.write(b"transfer-encoding: chunked\r\n\r\n")
+            for _ in range(3):
+                event = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            await reader.read()
+
+        server = await asyncio.start_server(replica, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        app, gateway = _app(url, upstream_timeout_seconds=0.3)
+        body = b'{"model": "m", "messages": [{"role": "user"}], "stream": true}'
+        incoming: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> Message:
+            if incoming:
+                return incoming.pop(0)
+            await asyncio.Event().wait()  # never leaves...
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # ...and never reads
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+        try:
+            await asyncio.wait_for(
+                app({**scope, "headers": [], "query_string": b""}, receive, send), 5
+            )
+            assert gateway.pool.replicas[0].inflight == 0 and not gateway.placer.busy
+        finally:
+            await gateway.upstream.aclose()
+            server.close()
+
+    asyncio.run(run())
