@@ -32,6 +32,9 @@ from models_db.models import FineTuningJob, JobCheckpoint, JobEvent, OutboxMessa
 _CLAIM_LOCK_KEY = 0x10AA
 
 
+CANCELLED_MESSAGE = "Fine-tuning job cancelled; no model was published."
+
+
 class LostJob(Exception):
     """This worker's attempt no longer owns the job (fenced out, cancelled or finished)."""
 

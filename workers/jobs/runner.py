@@ -1,8 +1,9 @@
 """Running claimed jobs: prepare the spec, supervise the training subprocess, finish.
 
 A job is three kinds of short transactions around work done with no session open: the claim,
-heartbeats (lease, flags, buffered metric events, checkpoints), and the finish. Every write is
-fenced by the claim's attempt number (workers.jobs.repository).
+heartbeats (flags, buffered metric events, checkpoints), and the finish (publish.py for a
+trained adapter). Every write is fenced by the claim's attempt number
+(workers.jobs.repository); a thread keeps the lease alive meanwhile (lease.py).
 """
 
 from __future__ import annotations
@@ -21,27 +22,18 @@ from sqlalchemy.exc import IntegrityError
 
 from common import ids
 from common.jobs import JobStatus
-from models_db.models import (
-    BaseModel,
-    FineTunedModel,
-    FineTuningJob,
-    JobCheckpoint,
-    Tenant,
-    UsageRecord,
-)
+from models_db.models import BaseModel, FineTuningJob, JobCheckpoint
 from models_db.session import transaction
 from workers.context import WorkerContext
 from workers.jobs import repository as repo
 from workers.jobs.artifacts import download_folder, upload_folder
 from workers.jobs.lease import LeaseKeeper
 from workers.jobs.models import local_model_path
-from workers.jobs.parity import ParityResult, check_parity
+from workers.jobs.publish import Publication
 from workers.jobs.subprocess_io import TrainingProcess
 from workers.jobs.validation import local_tokenized
 
 log = logging.getLogger(__name__)
-
-_CANCELLED = "Fine-tuning job cancelled; no model was published."
 
 
 def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
@@ -118,17 +110,19 @@ class JobRun:
         attempt here (paused: the latest recorded checkpoint is where a resume continues)."""
         with transaction(self.ctx.session_factory) as session:
             flags = repo.touch(session, self.claim, self.settings.lease_seconds)
-            if not (flags.cancel_requested or flags.pause_requested):
+            if flags.cancel_requested:
+                repo.finish(session, self.claim, JobStatus.CANCELLED)
+                repo.add_event(session, self.claim, repo.CANCELLED_MESSAGE)
+            elif flags.pause_requested:
+                repo.finish(session, self.claim, JobStatus.PAUSED)
+                repo.add_event(
+                    session,
+                    self.claim,
+                    "Job paused before training started; resume it to continue from its last "
+                    "checkpoint.",
+                )
+            else:
                 return False
-            status = repo.finish(session, self.claim, JobStatus.PAUSED)
-            repo.add_event(
-                session,
-                self.claim,
-                _CANCELLED
-                if status == JobStatus.CANCELLED
-                else "Job paused before training started; resume it to continue from its last "
-                "checkpoint.",
-            )
         return True
 
     def _prepare(self) -> Path:
@@ -387,151 +381,8 @@ class JobRun:
     # -- endings ---------------------------------------------------------------------------
 
     def _publish(self, outcome: _Outcome) -> None:
-        """Upload the adapter, check parity, then create the model in one transaction, unless
-        the job was cancelled meanwhile: then nothing is recorded and the upload is deleted."""
         assert outcome.done is not None
-        job_id, attempt = self._ids()
-        adapter_dir = Path(outcome.done["adapter_dir"])
-        with transaction(self.ctx.session_factory) as session:
-            repo.touch(session, self.claim, self.settings.lease_seconds)
-            job = session.get(FineTuningJob, job_id)
-            tenant = session.get(Tenant, self.claim.tenant_id)
-            assert job is not None and tenant is not None
-            method_type = job.method["type"]
-            params = job.method[method_type]["hyperparameters"]
-            name = f"ft:{job.base_model_id}:{tenant.slug}:{job.suffix or ''}:{ids.short_id(8)}"
-            base_model = job.base_model_id
-        # One folder per attempt: an attempt that was taken over while uploading can never
-        # overwrite what another attempt published.
-        prefix = f"tenants/{self.claim.tenant_id}/models/{job_id}/a{attempt}"
-        metrics = outcome.done.get("metrics") or {}
-        _manifest, digest = upload_folder(
-            self.ctx.storage,
-            adapter_dir,
-            prefix,
-            {
-                "fine_tuned_model": name,
-                "job_id": job_id,
-                "base_model": base_model,
-                "lora_rank": params["lora_rank"],
-                "method": method_type,
-                "training_config": params,
-                "metrics": metrics,
-            },
-        )
-        parity = self._check_parity(outcome.done.get("parity"), name, base_model, prefix, digest)
-        if parity is not None and parity.ok is False:
-            self._parity_failed(parity)
-            return
-        try:
-            published = self._record_publish(prefix, name, digest, parity, params, metrics)
-        except repo.LostJob:
-            self._delete_quietly(prefix)  # this attempt's own folder: nothing points at it
-            raise
-        if not published:
-            self._delete_quietly(prefix)
-
-    def _record_publish(
-        self,
-        prefix: str,
-        name: str,
-        digest: str,
-        parity: ParityResult | None,
-        params: dict[str, Any],
-        metrics: dict[str, Any],
-    ) -> bool:
-        """The publish transaction; False when a cancel came first (nothing recorded)."""
-        job_id, _attempt = self._ids()
-        with transaction(self.ctx.session_factory) as session:
-            # The row lock this update takes holds off an API cancel until the commit, and a
-            # cancel committed before it is seen here.
-            if repo.touch(session, self.claim, self.settings.lease_seconds).cancel_requested:
-                repo.finish(session, self.claim, JobStatus.CANCELLED)
-                repo.add_event(session, self.claim, _CANCELLED)
-                return False
-            job = session.get(FineTuningJob, job_id)
-            assert job is not None
-            if parity is not None:
-                repo.add_event(session, self.claim, _parity_message(parity))
-            repo.finish(session, self.claim, JobStatus.SUCCEEDED, fine_tuned_model=name)
-            session.add_all(
-                [
-                    FineTunedModel(
-                        id=name,
-                        tenant_id=self.claim.tenant_id,
-                        job_id=job_id,
-                        base_model_id=job.base_model_id,
-                        storage_prefix=prefix,
-                        manifest_sha256=digest,
-                        lora_rank=int(params["lora_rank"]),
-                    ),
-                    UsageRecord(
-                        tenant_id=self.claim.tenant_id,
-                        kind="trained_tokens",
-                        quantity=int(job.trained_tokens or 0),
-                        model=name,
-                        job_id=job_id,
-                    ),
-                ]
-            )
-            loss = metrics.get("train_loss")
-            repo.add_event(
-                session,
-                self.claim,
-                f"New fine-tuned model created: {name}"
-                + (f" (final training loss {loss:.4f})" if isinstance(loss, int | float) else ""),
-                data={
-                    "fine_tuned_model": name,
-                    **{k: v for k, v in metrics.items() if v is not None},
-                },
-            )
-            repo.add_event(session, self.claim, "The job has successfully completed.")
-        return True
-
-    def _delete_quietly(self, prefix: str) -> None:
-        try:
-            self.ctx.storage.delete_prefix(f"{prefix}/")
-        except Exception:  # left behind: nothing points at it
-            log.warning("could not delete %s", prefix, exc_info=True)
-
-    def _check_parity(
-        self, sample: dict[str, Any] | None, name: str, base_model: str, prefix: str, digest: str
-    ) -> ParityResult | None:
-        if not self.settings.gateway_url or not self.settings.parity_check:
-            return None
-        if not sample:
-            return ParityResult(
-                None,
-                "",
-                detail="the training run gave no reference answer (sharded FSDP runs "
-                "and datasets whose first example uses tools do not)",
-            )
-        adapter = {
-            "name": name,
-            "base_model": base_model,
-            "storage_prefix": prefix,
-            "manifest_sha256": digest,
-        }
-        return check_parity(self.settings.gateway_url, self.settings.secret_key, adapter, sample)
-
-    def _parity_failed(self, parity: ParityResult) -> None:
-        served = "nothing" if parity.served_text is None else repr(parity.served_text[:200])
-        message = (
-            "Train/serve parity check failed: for the held sample prompt the trainer answered "
-            f"{parity.trainer_text[:200]!r} but serving answered {served}"
-            + (f" ({parity.detail})" if parity.detail else "")
-            + ". The model was not published."
-        )
-        with transaction(self.ctx.session_factory) as session:
-            status = repo.finish(
-                session,
-                self.claim,
-                JobStatus.FAILED,
-                error={"code": "parity_mismatch", "message": message, "param": None},
-            )
-            repo.add_event(session, self.claim, message, level="error")
-            if status == JobStatus.CANCELLED:
-                repo.add_event(session, self.claim, _CANCELLED)
+        Publication(self.ctx, self.claim, outcome.done).run()
 
     def _finish_paused(self, step: int) -> None:
         with transaction(self.ctx.session_factory) as session:
@@ -539,7 +390,7 @@ class JobRun:
             repo.add_event(
                 session,
                 self.claim,
-                _CANCELLED
+                repo.CANCELLED_MESSAGE
                 if status == JobStatus.CANCELLED
                 else f"Job paused at step {step}; resume it to continue.",
             )
@@ -547,7 +398,7 @@ class JobRun:
     def _finish_cancelled(self) -> None:
         with transaction(self.ctx.session_factory) as session:
             repo.finish(session, self.claim, JobStatus.CANCELLED)
-            repo.add_event(session, self.claim, _CANCELLED)
+            repo.add_event(session, self.claim, repo.CANCELLED_MESSAGE)
 
     def _attempt_failed(self, reason: str) -> None:
         try:
@@ -589,12 +440,6 @@ class JobRun:
                 repo.add_event(session, self.claim, f"{failed} {then}", level=level)
         except repo.LostJob:
             log.warning("job %s attempt %s: failure not recorded, attempt superseded", *self._ids())
-
-
-def _parity_message(parity: ParityResult) -> str:
-    if parity.ok:
-        return f"Train/serve parity check passed: serving answered {parity.trainer_text[:200]!r}."
-    return f"Train/serve parity check skipped: {parity.detail}."
 
 
 def _clean(event: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from common.jobs import JobStatus
 from models_db.models import FineTuningJob
 from models_db.session import transaction
 from tests.integration.workers.conftest import Jobs
+from workers.jobs import publish, runner
 from workers.jobs import repository as repo
-from workers.jobs import runner
 from workers.jobs.parity import ParityResult
 
 
@@ -54,7 +54,7 @@ def test_a_blocking_step_longer_than_the_lease_keeps_the_job(
     if phase == "base model download":
         monkeypatch.setattr(runner, "local_model_path", slow_download)
     else:
-        monkeypatch.setattr(runner, "check_parity", slow_parity)
+        monkeypatch.setattr(publish, "check_parity", slow_parity)
     jobs.run(max_jobs=3)
 
     job = jobs.job(job_id)
@@ -70,7 +70,7 @@ def test_an_attempt_taken_over_while_uploading_cannot_overwrite_the_published_ad
     jobs: Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = jobs.queued()
-    real = runner.upload_folder
+    real = publish.upload_folder
     taken_over: list[str] = []
 
     def upload(storage: Any, local: Any, prefix: str, metadata: dict[str, Any]) -> Any:
@@ -86,7 +86,7 @@ def test_an_attempt_taken_over_while_uploading_cannot_overwrite_the_published_ad
             assert jobs.job(job_id).status == JobStatus.SUCCEEDED
         return real(storage, local, prefix, metadata)
 
-    monkeypatch.setattr(runner, "upload_folder", upload)
+    monkeypatch.setattr(publish, "upload_folder", upload)
     jobs.run(max_jobs=1)
 
     assert jobs.job(job_id).status == JobStatus.SUCCEEDED

@@ -9,7 +9,7 @@ import pytest
 
 from common.jobs import JobStatus
 from tests.integration.workers.conftest import Jobs
-from workers.jobs import runner
+from workers.jobs import publish, runner
 
 
 def _paused_then_resumed_to_the_end(jobs: Jobs, job_id: str) -> None:
@@ -103,7 +103,7 @@ def test_a_cancel_during_the_publish_publishes_nothing(
     jobs: Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = jobs.queued()
-    real = runner.upload_folder
+    real = publish.upload_folder
 
     def upload(*args: Any) -> Any:
         uploaded = real(*args)
@@ -111,7 +111,7 @@ def test_a_cancel_during_the_publish_publishes_nothing(
             jobs.request(job_id, "cancel")  # after the adapter upload, before the final commit
         return uploaded
 
-    monkeypatch.setattr(runner, "upload_folder", upload)
+    monkeypatch.setattr(publish, "upload_folder", upload)
     jobs.run()
 
     _cancelled_and_nothing_published(jobs, job_id)
