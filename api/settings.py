@@ -37,6 +37,13 @@ class APISettings(CommonSettings):
         description="Whether CUDA training workers exist; jobs asking for 4-bit/8-bit "
         "quantization are refused at creation when they don't.",
     )
+    max_lora_rank: int = Field(
+        default=16,
+        ge=1,
+        description="Largest lora_rank a job may ask for: the serving fleet's vLLM "
+        "--max-lora-rank (an adapter above it trains but could never be loaded). "
+        "`loraplex up` and `loraplex vllm` start vLLM with it.",
+    )
     job_max_attempts: int = Field(
         default=3, description="Times a job is started before it fails for good."
     )

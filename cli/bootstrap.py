@@ -58,6 +58,7 @@ def start_embedded_vllm(settings: APISettings) -> tuple[subprocess.Popen[bytes],
         host="127.0.0.1",
         port=port,
         max_model_len=None,  # the model's own context length
+        max_lora_rank=settings.max_lora_rank,  # what the API lets jobs train
         python=python,
     )
     log = (settings.data_dir / "vllm.log").open("ab")

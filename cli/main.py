@@ -162,7 +162,12 @@ def up(port: int) -> None:
 @click.option(
     "--max-cpu-loras", default=4, type=int, show_default=True, help="Adapters kept loaded."
 )
-@click.option("--max-lora-rank", default=16, type=int, show_default=True)
+@click.option(
+    "--max-lora-rank",
+    default=None,
+    type=int,
+    help="Largest adapter rank served (default: LORAPLEX_MAX_LORA_RANK, what jobs may train).",
+)
 @click.option(
     "--max-model-len",
     default=None,
@@ -175,7 +180,7 @@ def vllm(
     port: int,
     max_loras: int,
     max_cpu_loras: int,
-    max_lora_rank: int,
+    max_lora_rank: int | None,
     max_model_len: int | None,
 ) -> None:
     """Start a vLLM server (LoRA enabled) for a registered base model; it replaces this process.
@@ -217,7 +222,7 @@ def vllm(
         served_model_name=model_name,
         host=host,
         port=port,
-        max_lora_rank=max_lora_rank,
+        max_lora_rank=max_lora_rank or settings.max_lora_rank,
         max_loras=max_loras,
         max_cpu_loras=max_cpu_loras,
         max_model_len=max_model_len or context_length,

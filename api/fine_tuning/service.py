@@ -152,6 +152,14 @@ def create_job(
             param=where + "quantization",
             code="unsupported_on_this_deployment",
         )
+    rank = params["lora_rank"]
+    if rank != "auto" and rank > settings.max_lora_rank:
+        raise BadRequest(
+            f"lora_rank {rank} is above what this deployment serves (vLLM's max LoRA rank is "
+            f"{settings.max_lora_rank}); the adapter could not be loaded for inference.",
+            param=where + "lora_rank",
+            code="unsupported_on_this_deployment",
+        )
     max_seq_len = params["max_seq_len"]
     if max_seq_len != "auto" and max_seq_len > base.context_length:
         raise BadRequest(

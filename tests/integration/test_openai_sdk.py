@@ -137,6 +137,16 @@ def test_bad_requests_name_the_field(client: OpenAI) -> None:
             extra_body={"hyperparameters": {"quantization": "4bit"}},
         )
     assert info.value.body["param"] == "hyperparameters.quantization"  # type: ignore[index]
+    # A rank the serving fleet could not load (vLLM's --max-lora-rank, 16 here) is refused
+    # before training, not after.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=f.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"lora_rank": 32}}},
+        )
+    assert info.value.body["param"] == "method.supervised.hyperparameters.lora_rank"  # type: ignore[index]
+    assert info.value.code == "unsupported_on_this_deployment"
 
 
 _HP = "method.supervised.hyperparameters."
