@@ -45,7 +45,9 @@ class APISettings(CommonSettings):
         "`loraplex up` and `loraplex vllm` start vLLM with it.",
     )
     job_max_attempts: int = Field(
-        default=3, description="Times a job is started before it fails for good."
+        default=3,
+        description="Failed attempts (a crash, a lost worker, an error) a job may have before it "
+        "fails for good; pausing and resuming do not count.",
     )
     db_pool_size: int = Field(
         default=20,
