@@ -37,7 +37,8 @@ def reap(
     now = now_ts()
     handled = _redrive_validations(session, now, validation_resend_seconds)
     for job in expired_jobs(session, now):
-        lost = job.worker_id or "unknown"
+        # Which worker is for the operators; the tenant's events say "the job's worker".
+        log.warning("job %s: worker %s stopped responding", job.id, job.worker_id or "unknown")
         if job.cancel_requested_at is not None:
             # A cancel the API acknowledged is what the tenant gets, whatever else is due.
             job.status = JobStatus.CANCELLED
@@ -45,12 +46,12 @@ def reap(
             add_event(
                 session,
                 job,
-                f"Worker {lost} stopped responding; the job is cancelled as requested; no "
+                "The job's worker stopped responding; the job is cancelled as requested; no "
                 "model was published.",
             )
             emit_job_finished(session, job.id)
         else:
-            _count_lost_attempt(session, job, lost, now)
+            _count_lost_attempt(session, job, now)
         job.worker_id = None
         job.lease_until = None
         handled += 1
@@ -99,7 +100,7 @@ def _redrive_validations(session: Session, now: int, resend_after: int) -> int:
     return handled
 
 
-def _count_lost_attempt(session: Session, job: FineTuningJob, lost: str, now: int) -> None:
+def _count_lost_attempt(session: Session, job: FineTuningJob, now: int) -> None:
     """A lost attempt counts as a failed one: fail the job at the limit, else pause it (when
     a pause is pending) or queue it again to resume from its last checkpoint."""
     job.failed_attempts += 1
@@ -113,7 +114,12 @@ def _count_lost_attempt(session: Session, job: FineTuningJob, lost: str, now: in
             "attempts have failed, the most allowed. Giving up.",
             "param": None,
         }
-        add_event(session, job, f"Worker {lost} stopped responding; job failed.", level="error")
+        add_event(
+            session,
+            job,
+            "The job's worker stopped responding; job failed.",
+            level="error",
+        )
         emit_job_finished(session, job.id)
     elif job.pause_requested_at is not None:
         # The tenant asked for a pause: honour it instead of starting the job again.
@@ -122,7 +128,7 @@ def _count_lost_attempt(session: Session, job: FineTuningJob, lost: str, now: in
         add_event(
             session,
             job,
-            f"Worker {lost} stopped responding {counted}; the job is paused as requested. "
+            f"The job's worker stopped responding {counted}; the job is paused as requested. "
             "Resume it to continue from its last checkpoint.",
             level="warn",
         )
@@ -131,7 +137,7 @@ def _count_lost_attempt(session: Session, job: FineTuningJob, lost: str, now: in
         add_event(
             session,
             job,
-            f"Worker {lost} stopped responding {counted}; job re-queued to resume from its "
+            f"The job's worker stopped responding {counted}; job re-queued to resume from its "
             "last checkpoint.",
             level="warn",
         )

@@ -43,11 +43,15 @@ def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
         with transaction(ctx.session_factory) as session:
             claim = repo.claim_next(session, ctx.settings.worker_id, ctx.settings.lease_seconds)
             if claim is not None:
+                # Which worker is for the operators (the job row, the logs), not the tenant.
+                log.info(
+                    "job %s attempt %s claimed by %s",
+                    claim.job_id,
+                    claim.attempt,
+                    ctx.settings.worker_id,
+                )
                 repo.add_event(
-                    session,
-                    claim,
-                    f"Fine-tuning job started on worker {ctx.settings.worker_id} "
-                    f"(attempt {claim.attempt}).",
+                    session, claim, f"Fine-tuning job started (attempt {claim.attempt})."
                 )
         if claim is None:
             return ran
@@ -96,7 +100,9 @@ class JobRun:
             log.warning("job %s attempt %s was taken over; stopping", *self._ids())
         except Exception as exc:
             log.exception("job %s attempt %s failed", *self._ids())
-            self._attempt_failed(f"{type(exc).__name__}: {exc}")
+            # The tenant sees the kind of failure; the detail (hosts, buckets, paths) is in the
+            # worker's log under the job id.
+            self._attempt_failed(f"internal error ({type(exc).__name__}); details are in the logs")
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -78,8 +78,15 @@ class TrainingProcess:
         except ProcessLookupError:
             pass
 
-    def wait(self) -> int:
-        code = self.proc.wait()
+    def wait(self, exit_grace: float = 60.0) -> int:
+        """The exit code, once the child has closed its output. One that closed it but does
+        not exit within ``exit_grace`` (a stuck thread at shutdown, say) is stopped, rather than
+        holding the worker forever."""
+        try:
+            code = self.proc.wait(exit_grace)
+        except subprocess.TimeoutExpired:
+            self.stop(grace_seconds=5.0)
+            code = self.proc.wait()
         self._reader.join(5)
         self._log.close()
         return code

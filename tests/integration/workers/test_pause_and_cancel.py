@@ -85,7 +85,9 @@ def test_an_attempt_that_fails_with_a_pause_pending_pauses_the_job(
     messages = jobs.messages(job_id)
     assert job.status == JobStatus.PAUSED, messages
     assert job.attempt == 1
-    assert any("No space left on device" in m and "paused as requested" in m for m in messages)
+    # The tenant learns the kind of failure; the detail (paths, hosts) stays in the logs.
+    assert any("internal error (OSError)" in m and "paused as requested" in m for m in messages)
+    assert not any("No space left on device" in m for m in messages)
     _paused_then_resumed_to_the_end(jobs, job_id)
 
 
@@ -188,5 +190,6 @@ def test_pauses_and_resumes_leave_the_failure_budget_whole(
     assert job.status == JobStatus.SUCCEEDED, messages
     assert job.attempt == 4 and job.failed_attempts == 1
     assert any(
-        m.startswith("Attempt 3 failed (1 of 3 allowed failures): OSError") for m in messages
+        m.startswith("Attempt 3 failed (1 of 3 allowed failures): internal error (OSError)")
+        for m in messages
     ), messages
