@@ -129,10 +129,6 @@ def fetch_verified(storage: ObjectStorage, ref: AdapterRef, dest: Path) -> int:
         raise
 
 
-def _folders(root: Path) -> list[Path]:
-    return [entry for entry in root.iterdir() if entry.is_dir()]
-
-
 def _folder_bytes(folder: Path) -> int:
     """The adapter's files in ``folder``, as ``fetch_verified`` counts them (not the marker)."""
     return sum(
@@ -167,7 +163,7 @@ class AdapterCache:
         """Count the folders an earlier process left (oldest first), so the byte bound holds
         across restarts; drop unfinished downloads and folders that cannot be accounted for."""
         found: list[tuple[float, str, int]] = []
-        for folder in _folders(self._root):
+        for folder in (entry for entry in self._root.iterdir() if entry.is_dir()):
             marker = folder / _VERIFIED_MARK
             name = _marked_name(marker)
             if folder.name.startswith(".fetch-") or name is None or self.path_for(name) != folder:

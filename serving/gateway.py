@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -114,7 +115,6 @@ class Gateway:
         )
         self.limits: RefreshingCache[Limits] = RefreshingCache(5.0, 60.0)
         self.upstream_headers = {"content-type": "application/json"}
-        self._salts: dict[str, str] = {}  # tenant -> its prefix-cache salt
         # Billing of unfinished requests (serving/unfinished.py), running after they ended.
         self._billing: set[asyncio.Task[None]] = set()
         if settings.vllm_api_key:
@@ -217,14 +217,7 @@ class Gateway:
         return Call(endpoint, principal, model, limits, body, stream, strip_usage)
 
     def _cache_salt(self, tenant_id: str) -> str:
-        salt = self._salts.get(tenant_id)
-        if salt is None:
-            key = f"cache-salt:{tenant_id}".encode()
-            salt = hmac.new(self.settings.secret_key.encode(), key, hashlib.sha256).hexdigest()[:32]
-            if len(self._salts) >= 100_000:
-                self._salts.clear()
-            self._salts[tenant_id] = salt
-        return salt
+        return _cache_salt(self.settings.secret_key, tenant_id)
 
     def _too_large(self) -> GatewayError:
         return GatewayError(
@@ -649,6 +642,13 @@ async def until_disconnect(receive: Receive) -> None:
     """Returns when the caller has gone away (to run as a task once the body was read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+@functools.lru_cache(maxsize=65_536)
+def _cache_salt(secret_key: str, tenant_id: str) -> str:
+    """A tenant's prefix-cache salt: stable, and unguessable without the server secret."""
+    key = f"cache-salt:{tenant_id}".encode()
+    return hmac.new(secret_key.encode(), key, hashlib.sha256).hexdigest()[:32]
 
 
 def _with_fields(body: bytes, payload: dict[str, Any], fields: dict[str, Any]) -> bytes:

@@ -27,6 +27,7 @@ from serving.replicas import ReplicaPool
 from serving.settings import GatewaySettings
 from serving.upstream import UpstreamPool
 from serving.usage import UsageMeter
+from tests.unit.serving.scripted import read_request
 
 PRINCIPAL = Principal(tenant_id="t1", tenant_slug="t1", key_id="k1", scopes=frozenset({"admin"}))
 
@@ -137,9 +138,7 @@ def test_a_caller_leaving_mid_stream_stops_the_replica_frees_it_and_is_billed(
         tokenized: list[dict[str, Any]] = []
 
         async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            body = await reader.readexactly(length)
+            head, body = await read_request(reader)
             if head.startswith(b"POST /tokenize "):
                 tokenized.append(json.loads(body))
                 answer = b'{"count": 7, "max_model_len": 4096, "tokens": []}'
@@ -236,9 +235,8 @@ async def _forwarded(app: GatewayApp, body: bytes) -> tuple[list[Message], list[
     received: list[bytes] = []
 
     async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        received.append(await reader.readexactly(length))
+        _, body = await read_request(reader)
+        received.append(body)
         answer = b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
         await writer.drain()

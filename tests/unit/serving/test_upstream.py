@@ -9,6 +9,7 @@ import pytest
 import uvloop
 
 from serving.upstream import CallerLeft, UpstreamError, UpstreamPool, UpstreamTimeout
+from tests.unit.serving.scripted import read_request
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -33,16 +34,6 @@ def _event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
     _LOOP.factory = asyncio.new_event_loop
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return head, await reader.readexactly(length)
-
-
 async def _serve(handler: Handler) -> tuple[asyncio.Server, str, list[int]]:
     """A server running ``handler`` per connection; the list counts connections accepted."""
     accepted: list[int] = []
@@ -63,7 +54,7 @@ async def _serve(handler: Handler) -> tuple[asyncio.Server, str, list[int]]:
 
 async def _echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while True:
-        head, body = await _read_request(reader)
+        head, body = await read_request(reader)
         answer = head.split(b"\r\n")[0] + b"|" + body
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
         writer.write(b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
@@ -94,14 +85,14 @@ def test_streams_chunked_answers_piece_by_piece() -> None:
         go = asyncio.Event()
 
         async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             writer.write(b"6\r\ndata:1\r\n")
             await writer.drain()
             await go.wait()
             writer.write(b"6\r\ndata:2\r\n0\r\n\r\n")
             await writer.drain()
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             await writer.drain()
             await reader.read()
@@ -128,7 +119,7 @@ def test_streams_chunked_answers_piece_by_piece() -> None:
 
 def test_a_connection_the_replica_closed_while_idle_is_replaced_silently() -> None:
     async def once_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await writer.drain()
         # Close without "connection: close": the client still thinks the connection is alive.
@@ -152,7 +143,7 @@ def test_a_connection_the_replica_closed_while_idle_is_replaced_silently() -> No
 
 def test_a_body_without_length_ends_with_the_connection() -> None:
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\nboom")
         await writer.drain()
 
@@ -178,7 +169,7 @@ def test_a_body_without_length_ends_with_the_connection() -> None:
 )
 def test_broken_answers_raise_upstream_error(answer: bytes) -> None:
     async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(answer)
         await writer.drain()
 
@@ -198,7 +189,7 @@ def test_broken_answers_raise_upstream_error(answer: bytes) -> None:
 
 def test_silence_past_the_read_timeout_raises() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         await reader.read()
 
     async def run() -> None:
@@ -229,7 +220,7 @@ def test_a_refused_connection_raises_upstream_error() -> None:
 def test_a_response_closed_before_its_end_is_not_reused() -> None:
     async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n")
             await writer.drain()
             await asyncio.sleep(0.3)
@@ -258,11 +249,11 @@ def test_a_timeout_on_a_reused_connection_is_not_sent_again() -> None:
     requests: list[bytes] = []
 
     async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head, _ = await _read_request(reader)
+        head, _ = await read_request(reader)
         requests.append(head)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
         await writer.drain()
-        head, _ = await _read_request(reader)
+        head, _ = await read_request(reader)
         requests.append(head)
         await reader.read()  # then silence
 
@@ -289,7 +280,7 @@ def test_an_abandoned_request_closes_its_connection_and_raises_caller_left() -> 
         peer_closed = asyncio.Event()
 
         async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             await reader.read()  # generating... until the gateway closes the connection
             peer_closed.set()
 
@@ -346,7 +337,7 @@ def test_a_second_answer_to_one_request_is_not_part_of_the_first() -> None:
             connections.append(1)
             if len(connections) > 1:
                 await _echo_forever(reader, writer)
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
             await writer.drain()
