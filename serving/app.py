@@ -64,15 +64,19 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": await to_thread.run_sync(load)})
 
 
+def _not_found() -> Response:
+    # Indistinguishable from an unknown path for anyone without the server secret.
+    return JSONResponse(
+        error_body("Unknown endpoint.", "invalid_request_error", None, "unknown_url"), 404
+    )
+
+
 async def parity(request: Request) -> Response:
     """Internal: answer a prompt greedily with a just-published adapter (signed by a worker)."""
     gateway = _gateway(request)
     body = await request.body()
     if not verify(gateway.settings.secret_key, body, dict(request.headers)):
-        # Indistinguishable from an unknown path for anyone without the server secret.
-        return JSONResponse(
-            error_body("Unknown endpoint.", "invalid_request_error", None, "unknown_url"), 404
-        )
+        return _not_found()
     try:
         payload = json.loads(body)
         adapter = AdapterRef(**payload["adapter"])
@@ -91,6 +95,8 @@ async def healthz(_request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready: the database answers and a replica is healthy. Only counts: in embedded mode this
+    port is the public one, and the replicas' adapters are other tenants' model names."""
     gateway = _gateway(request)
 
     def database() -> str:
@@ -101,21 +107,38 @@ async def readyz(request: Request) -> Response:
         except Exception as exc:  # noqa: BLE001 - report any failure as not ready
             return f"error: {type(exc).__name__}"
 
-    replicas = {
-        r.url: {
-            "healthy": r.healthy,
-            "base_model": r.base_model,
-            "adapters": list(r.adapters),
-            "inflight": r.inflight,
-            "error": r.last_error,
-        }
-        for r in gateway.pool.replicas
+    replicas = gateway.pool.replicas
+    healthy = sum(1 for r in replicas if r.healthy)
+    checks = {
+        "database": await to_thread.run_sync(database),
+        "replicas": f"{healthy} of {len(replicas)} healthy",
     }
-    checks = {"database": await to_thread.run_sync(database)}
-    ready = checks["database"] == "ok" and any(r["healthy"] for r in replicas.values())
+    ready = checks["database"] == "ok" and healthy > 0
     return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks, "replicas": replicas},
+        {"status": "ready" if ready else "not ready", "checks": checks},
         status_code=200 if ready else 503,
+    )
+
+
+async def replicas(request: Request) -> Response:
+    """Internal, for the operators' dashboard (signed with the server secret): each replica's
+    health, base model, in-flight requests and loaded adapters."""
+    gateway = _gateway(request)
+    if not verify(gateway.settings.secret_key, b"", dict(request.headers)):
+        return _not_found()
+    return JSONResponse(
+        {
+            "replicas": {
+                r.url: {
+                    "healthy": r.healthy,
+                    "base_model": r.base_model,
+                    "adapters": list(r.adapters),
+                    "inflight": r.inflight,
+                    "error": r.last_error,
+                }
+                for r in gateway.pool.replicas
+            }
+        }
     )
 
 
@@ -349,6 +372,7 @@ def create_gateway_app(settings: GatewaySettings | None = None) -> GatewayApp:
         # The inference routes are answered by GatewayApp before Starlette.
         Route("/v1/models", models, methods=["GET"]),
         Route("/internal/parity", parity, methods=["POST"]),
+        Route("/internal/replicas", replicas, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -1,4 +1,6 @@
-"""What the inference gateway reports about its vLLM replicas (its /readyz JSON)."""
+"""What the inference gateway reports about its vLLM replicas: its /readyz status, and the
+detail from /internal/replicas, which answers only a request signed with the server secret
+(the adapters loaded are every tenant's model names)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from common.internal_auth import sign
 
 
 @dataclass(frozen=True)
@@ -47,21 +51,32 @@ def _replica(url: str, raw: Any) -> Replica:
     )
 
 
-def fetch(gateway_url: str, timeout: float = 2.0) -> GatewayView:
+def fetch(gateway_url: str, secret_key: str, timeout: float = 2.0) -> GatewayView:
     """Ask the gateway; a gateway that is down or answers nonsense is shown, not raised."""
     if not gateway_url:
         return GatewayView(configured=False)
+    base = gateway_url.rstrip("/")
     try:
         # /readyz answers 503 with the same body while no replica is healthy.
-        body = httpx.get(gateway_url.rstrip("/") + "/readyz", timeout=timeout).json()
+        ready = httpx.get(base + "/readyz", timeout=timeout).json()
+        detail = httpx.get(
+            base + "/internal/replicas", headers=sign(secret_key, b""), timeout=timeout
+        ).json()
     except (httpx.HTTPError, ValueError) as exc:
         return GatewayView(configured=True, error=f"unreachable: {type(exc).__name__}")
-    if not isinstance(body, dict):
-        return GatewayView(configured=True, error="unexpected answer from /readyz")
-    replicas = body.get("replicas")
+    if not isinstance(ready, dict) or not isinstance(detail, dict):
+        return GatewayView(configured=True, error="unexpected answer from the gateway")
+    if "error" in detail:
+        # A 404: the gateway does not hold the same LORAPLEX_SECRET_KEY as this API.
+        return GatewayView(
+            configured=True,
+            status=str(ready.get("status", "")),
+            error="refused the replica list (is LORAPLEX_SECRET_KEY the same here and there?)",
+        )
+    replicas = detail.get("replicas")
     return GatewayView(
         configured=True,
-        status=str(body.get("status", "")),
+        status=str(ready.get("status", "")),
         replicas=[_replica(str(u), r) for u, r in replicas.items()]
         if isinstance(replicas, dict)
         else [],

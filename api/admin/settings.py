@@ -16,7 +16,7 @@ class AdminSettings(BaseSettings):
     gateway_url: str = Field(
         default="",
         description="Base URL of the inference gateway; the overview shows its replicas and "
-        "loaded adapters from its /readyz. Empty: 'gateway not configured'.",
+        "loaded adapters from its /internal/replicas. Empty: 'gateway not configured'.",
     )
     admin_session_hours: float = Field(
         default=8.0,

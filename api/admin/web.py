@@ -81,6 +81,7 @@ class AdminState:
     """Built once per process by the admin router's lifespan."""
 
     settings: AdminSettings
+    server_secret: str  # signs the gateway's /internal/replicas request
     signer: SessionSigner
     throttle: LoginThrottle
     templates: Environment
@@ -93,6 +94,7 @@ async def admin_lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = AdminSettings()
     app.state.admin = AdminState(
         settings=settings,
+        server_secret=services.settings.secret_key,
         signer=SessionSigner(
             services.settings.secret_key, int(settings.admin_session_hours * 3600)
         ),

@@ -26,7 +26,11 @@ def overview(
     failed, _ = repo.jobs(status=JobStatus.FAILED, limit=10)
     # Workers and replicas are shared by every tenant: only platform admins see them.
     workers = repo.workers_alive(now_ts()) if viewer.is_platform else []
-    fleet = gateway.fetch(admin.settings.gateway_url) if viewer.is_platform else None
+    fleet = (
+        gateway.fetch(admin.settings.gateway_url, admin.server_secret)
+        if viewer.is_platform
+        else None
+    )
     return render(
         request,
         "overview.html",

@@ -38,7 +38,7 @@ def models(
 ) -> HTMLResponse:
     """Base models and fine-tuned models, with where each adapter is loaded."""
     repo = viewer.repository(session)
-    fleet = gateway.fetch(admin.settings.gateway_url)
+    fleet = gateway.fetch(admin.settings.gateway_url, admin.server_secret)
     return render(
         request,
         "models.html",

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
+from common.internal_auth import sign
+
 from tests.conftest import RunningApi, TenantCreds, free_port, start_server
 from tests.integration.admin.conftest import Seeder, login, shot
 from tests.integration.conftest import TrainingStack
@@ -80,8 +82,21 @@ def test_overview_shows_the_replica_and_the_adapter_loaded_on_it(  # type: ignor
         model=name, messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
     )
     assert answer.choices[0].message.content is not None
-    readyz = httpx.get(f"{real_gateway.url}/readyz").json()
-    assert name in readyz["replicas"][vllm_server.url]["adapters"]
+    # The public readiness probe gives counts only (in embedded mode it is on the public port);
+    # the replica list, with every tenant's loaded adapters, answers only a signed request.
+    readyz = httpx.get(f"{real_gateway.url}/readyz")
+    assert readyz.json()["checks"]["replicas"] == "1 of 1 healthy"
+    assert name not in readyz.text and vllm_server.url not in readyz.text
+    unsigned = httpx.get(f"{real_gateway.url}/internal/replicas")
+    assert unsigned.status_code == 404 and name not in unsigned.text
+    forged = httpx.get(
+        f"{real_gateway.url}/internal/replicas", headers=sign("another-secret-key-xxxxxxx", b"")
+    )
+    assert forged.status_code == 404
+    signed = httpx.get(
+        f"{real_gateway.url}/internal/replicas", headers=sign(real_gateway.settings.secret_key, b"")
+    )
+    assert name in signed.json()["replicas"][vllm_server.url]["adapters"]
 
     # An API replica whose dashboard is told where the gateway is.
     api_url = start_api(LORAPLEX_GATEWAY_URL=real_gateway.url)
