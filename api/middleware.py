@@ -11,11 +11,13 @@ import logging
 import re
 import secrets
 import time
+from urllib.parse import parse_qsl
 
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
+from common.ids import show_id
 from common.logging import request_id_var
 
 log = logging.getLogger("loraplex.access")
@@ -88,9 +90,43 @@ class RequestContextMiddleware:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _repeated_query_parameter(query: bytes) -> tuple[str, str] | None:
+    """(message, param) for the first name given twice in a query string, if one is.
+
+    Which copy a framework keeps (FastAPI: the last) is a guess at what the client meant
+    (ADR 0012); names are compared decoded, as the routes see them.
+    """
+    if b"&" not in query:
+        return None
+    names = [name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen and name:
+            if name.startswith("metadata[") and name.endswith("]"):
+                key = show_id(name[len("metadata[") : -1])
+                return f"Metadata filter on '{key}' was given more than once.", "metadata"
+            shown = show_id(name)
+            return f"Query parameter '{shown}' was given more than once; send it once.", shown
+        seen.add(name)
+    return None
+
+
+async def _answer_400(send: Send, message: str, param: str | None, code: str | None) -> None:
+    payload = json.dumps(error_body(message, "invalid_request_error", param, code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
 class RequestLimitsMiddleware:
     """Refuses what no endpoint can mean: bodies over a limit (by Content-Length up front, or
-    counted as they stream) and NUL characters in the URL (no database can store them)."""
+    counted as they stream), NUL characters in the URL (no database can store them) and, on
+    the JSON API (/v1), a query parameter given twice."""
 
     def __init__(self, app: ASGIApp, *, json_limit: int, upload_limit: int) -> None:
         self.app = app
@@ -139,21 +175,16 @@ class RequestLimitsMiddleware:
             return
         # Control characters in a path name nothing, and a trailing newline would otherwise
         # match routes as if absent ("$" matches before it); NUL reaches no database.
-        if _CONTROL.search(scope["path"]) or b"%00" in scope.get("query_string", b""):
-            payload = json.dumps(
-                error_body(
-                    "Control characters (NUL, newlines...) are not allowed in URLs.",
-                    "invalid_request_error",
-                )
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 400,
-                    "headers": [(b"content-type", b"application/json")],
-                }
+        query = scope.get("query_string", b"")
+        if _CONTROL.search(scope["path"]) or b"%00" in query:
+            await _answer_400(
+                send, "Control characters (NUL, newlines...) are not allowed in URLs.", None, None
             )
-            await send({"type": "http.response.body", "body": payload})
+            return
+        # The dashboard's pages are left alone: /v1 is the API whose clients this protects.
+        repeated = _repeated_query_parameter(query) if scope["path"].startswith("/v1/") else None
+        if repeated is not None:
+            await _answer_400(send, *repeated, "duplicate_parameter")
             return
         limit = self._limit_for(scope)
         is_upload = limit == self.upload_limit

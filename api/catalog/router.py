@@ -8,8 +8,11 @@ from api.catalog import service
 from api.catalog.schemas import ModelDeleted, ModelList, ModelObject
 from api.deps import AnyPrincipal, FinetunePrincipal, SessionDep
 from api.errors import ERROR_RESPONSES
+from api.json_body import StrictJSONRoute
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES, route_class=StrictJSONRoute
+)
 
 
 @router.get("", response_model=ModelList)

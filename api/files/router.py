@@ -16,8 +16,11 @@ from api.files import service
 from api.files.repository import FileRepository
 from api.files.schemas import FileDeleted, FileList, FileObject
 from api.idempotency import fingerprint, run_idempotent
+from api.json_body import StrictJSONRoute
 
-router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES, route_class=StrictJSONRoute
+)
 
 _UPLOAD_SCHEMA = {
     "requestBody": {

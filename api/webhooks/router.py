@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from api.deps import FinetunePrincipal, ServicesDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from api.idempotency import fingerprint, run_idempotent
+from api.json_body import StrictJSONRoute
 from api.services import Services
 from api.tenancy.service import Principal
 from api.webhooks import service
@@ -30,7 +31,9 @@ from api.webhooks.schemas import (
 from common.webhooks import signing
 
 PREFIX = "/v1/webhook_endpoints"
-router = APIRouter(prefix=PREFIX, tags=["webhooks"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix=PREFIX, tags=["webhooks"], responses=ERROR_RESPONSES, route_class=StrictJSONRoute
+)
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 IdempotencyKey = Annotated[str | None, Header()]

@@ -171,3 +171,101 @@ def test_a_file_sent_without_a_filename_is_named_as_the_problem(  # type: ignore
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "file" and "filename" in error["message"]
+
+
+def _duplicate(response: httpx.Response, param: str, code: str) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    message: str = error["message"]
+    return message
+
+
+def test_a_key_given_twice_in_a_json_body_is_refused(  # type: ignore[no-untyped-def]
+    api_server: RunningApi, make_tenant
+) -> None:
+    from tests import sample_data
+
+    key = make_tenant().api_key
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {key}"}
+    ) as http:
+        file_id = http.post(
+            "/v1/files",
+            files={"file": ("t.jsonl", sample_data.chat_jsonl())},
+            data={"purpose": "fine-tune"},
+        ).json()["id"]
+        http.headers["content-type"] = "application/json"  # the bodies below are written out
+        job = f'"model": "tiny-llama", "training_file": "{file_id}"'
+        for body, param, where in (
+            (f'{{{job}, "suffix": "a", "suffix": "b"}}', "suffix", ""),
+            (
+                f'{{{job}, "hyperparameters": {{"n_epochs": 1, "n_epochs": 3}}}}',
+                "hyperparameters.n_epochs",
+                " at hyperparameters:",
+            ),
+            (
+                f'{{{job}, "method": {{"type": "supervised", "supervised": '
+                '{"hyperparameters": {"batch_size": 1, "batch_size": 2}}}}',
+                "method.supervised.hyperparameters.batch_size",
+                " at method.supervised.hyperparameters:",
+            ),
+            (f'{{{job}, "metadata": {{"x": "1", "x": "2"}}}}', "metadata.x", " at metadata:"),
+        ):
+            message = _duplicate(
+                http.post("/v1/fine_tuning/jobs", content=body), param, "duplicate_key"
+            )
+            assert f"'{param.rsplit('.', 1)[-1]}'" in message and where in message, message
+        # Nothing was created by the refused bodies; the same job said once is accepted.
+        assert http.get("/v1/fine_tuning/jobs").json()["data"] == []
+        created = http.post("/v1/fine_tuning/jobs", content=f'{{{job}, "metadata": {{"x": "1"}}}}')
+        assert created.status_code == 200, created.text
+        assert created.json()["metadata"] == {"x": "1"}
+
+        # Webhook endpoints: create and update alike.
+        url = "https://93.184.216.34/hook"
+        twice = f'{{"url": "{url}", "url": "https://93.184.216.35/hook"}}'
+        _duplicate(http.post("/v1/webhook_endpoints", content=twice), "url", "duplicate_key")
+        endpoint = http.post("/v1/webhook_endpoints", content=f'{{"url": "{url}"}}').json()
+        update = '{"enabled": false, "description": "a", "enabled": true}'
+        path = f"/v1/webhook_endpoints/{endpoint['id']}"
+        _duplicate(http.post(path, content=update), "enabled", "duplicate_key")
+        assert http.get(path).json()["enabled"] is True
+
+
+def test_a_query_parameter_given_twice_is_refused(  # type: ignore[no-untyped-def]
+    api_server: RunningApi, make_tenant
+) -> None:
+    key = make_tenant().api_key
+    with httpx.Client(
+        base_url=api_server.base_url, headers={"Authorization": f"Bearer {key}"}
+    ) as http:
+        for query, param in (
+            ("limit=1&limit=50", "limit"),
+            (
+                "after=ftjob-01jd0000000000000000000000&limit=5&after=ftjob-01jd0000000000000000000001",
+                "after",
+            ),
+            ("limit=5&l%69mit=5", "limit"),  # the same name once decoded, even with one value
+        ):
+            message = _duplicate(
+                http.get(f"/v1/fine_tuning/jobs?{query}"), param, "duplicate_parameter"
+            )
+            assert f"'{param}'" in message
+        _duplicate(http.get("/v1/files?order=asc&order=desc"), "order", "duplicate_parameter")
+        _duplicate(
+            http.get("/v1/webhook_endpoints?limit=2&limit=3"), "limit", "duplicate_parameter"
+        )
+        # Repeated filter keys keep their own wording; different keys are two filters.
+        message = _duplicate(
+            http.get("/v1/fine_tuning/jobs?metadata[team]=x&metadata[team]=y"),
+            "metadata",
+            "duplicate_parameter",
+        )
+        assert "'team'" in message
+        both = http.get("/v1/fine_tuning/jobs?metadata[team]=x&metadata[env]=y&limit=5")
+        assert both.status_code == 200 and both.json()["data"] == []
+        assert http.get("/v1/files?order=asc&limit=5").status_code == 200
+        # The rule is the JSON API's: the dashboard's pages are not under it.
+        assert http.get("/admin/login?next=/admin&next=/admin/jobs").status_code == 200

@@ -13,7 +13,6 @@ import pytest
 from playwright.sync_api import expect
 
 from common.internal_auth import sign
-
 from tests.conftest import RunningApi, TenantCreds, free_port, start_server
 from tests.integration.admin.conftest import Seeder, login, shot
 from tests.integration.conftest import TrainingStack
