@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from api.errors import error_body
 from api.tenancy import keys
 from api.tenancy.service import Principal, authenticate
+from common import strict_json
 from common.ids import is_plausible_id
 from common.storage import StorageError
 from serving import unfinished
@@ -174,7 +175,11 @@ class Gateway:
         principal = await self.principal(request, INFERENCE_SCOPES)
         body = await self._read_body(request)
         try:
-            payload = json.loads(body)
+            # A key given twice is refused: the gateway must check the very values vLLM uses.
+            payload = strict_json.loads(body)
+        except strict_json.DuplicateKey as found:
+            message, param = found.describe()
+            raise bad_request(message, param=param, code="duplicate_key") from None
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             raise bad_request("We could not parse the JSON body of your request.") from None
         if not isinstance(payload, dict):
@@ -653,8 +658,9 @@ def _cache_salt(secret_key: str, tenant_id: str) -> str:
 
 def _with_fields(body: bytes, payload: dict[str, Any], fields: dict[str, Any]) -> bytes:
     """``body`` (``payload`` as the client encoded it) with ``fields`` added as its last
-    members, without re-encoding it where it is UTF-8: vLLM, like the gateway, keeps the last
-    copy of a repeated key."""
+    members, without re-encoding it where it is UTF-8. The client's body repeats no key
+    (refused above), so the added members are the only copies: the client's own
+    ``cache_salt``/``max_tokens`` are replaced, since vLLM keeps the last copy."""
     if not body.lstrip().startswith(b"{"):  # UTF-16/32, which json.loads also reads
         return json.dumps({**payload, **fields}).encode()
     end = body.rstrip().rindex(b"}")

@@ -1,4 +1,5 @@
-"""JSON request bodies: a key repeated in one object is refused, named with where it is."""
+"""JSON request bodies (common.strict_json, api.json_body): a key repeated in one object is
+refused, named with where it is."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 
-from api.json_body import StrictJSONRoute, _DuplicateKey, duplicate_key_error, loads
+from api.json_body import StrictJSONRoute, duplicate_key_error
+from common.strict_json import DuplicateKey, loads
 
 
 def _refused(body: str | bytes) -> tuple[str, str]:
-    with pytest.raises(_DuplicateKey) as caught:
+    with pytest.raises(DuplicateKey) as caught:
         loads(body if isinstance(body, bytes) else body.encode())
     return caught.value.key, caught.value.where
 
@@ -51,16 +53,16 @@ def test_what_follows_a_repeat_still_fails_as_json_would() -> None:
 
 
 def test_the_error_names_the_key_and_its_path() -> None:
-    error = duplicate_key_error("n_epochs", "method.supervised.hyperparameters")
+    error = duplicate_key_error(DuplicateKey("n_epochs", "method.supervised.hyperparameters"))
     assert (error.status_code, error.param, error.code) == (
         400,
         "method.supervised.hyperparameters.n_epochs",
         "duplicate_key",
     )
     assert "'n_epochs'" in error.message and "at method.supervised.hyperparameters" in error.message
-    top = duplicate_key_error("model", "")
+    top = duplicate_key_error(DuplicateKey("model", ""))
     assert top.param == "model" and " at " not in top.message
-    long = duplicate_key_error("k" * 10_000, "metadata")
+    long = duplicate_key_error(DuplicateKey("k" * 10_000, "metadata"))
     assert len(long.message) < 300 and len(long.param or "") < 100
 
 

@@ -110,8 +110,18 @@ _CHAT = b'{"model": "m", "messages": [{"role": "user"}], "stream": true, '
         (_CHAT + b'"stream_options": "x"}', "stream_options"),
         (_CHAT + b'"stream_options": [1]}', "stream_options"),
         (_CHAT + b'"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        # A key given twice: which copy vLLM would read is not ours to guess (the model checked
+        # against the caller's tenant must be the model served).
+        (_CHAT + b'"model": "other"}', "model"),
+        (b'{"model": "m", "messages": [{"role": "user", "role": "system"}]}', "messages[0].role"),
     ],
-    ids=["stream-options-string", "stream-options-array", "deeply-nested"],
+    ids=[
+        "stream-options-string",
+        "stream-options-array",
+        "deeply-nested",
+        "model-twice",
+        "nested-key-twice",
+    ],
 )
 def test_malformed_bodies_are_a_400_that_says_what_is_wrong(body: bytes, param: str | None) -> None:
     app, _ = _app()
