@@ -20,6 +20,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_lock_for_update(
+    conn: Any, cursor: Any, _statement: str, _parameters: Any, context: Any, _many: bool
+) -> None:
+    """Give ``SELECT … FOR UPDATE`` its meaning on SQLite: take the write lock before reading.
+
+    SQLite has no row locks and its dialect drops FOR UPDATE, and pysqlite only begins a
+    transaction at the first write. A read-then-write (the reaper re-queueing a job whose lease
+    ran out, a cancel) would otherwise decide on rows that another connection may change before
+    the write: the reaper could put back to `queued` a job that its worker had just finished.
+    ``BEGIN IMMEDIATE`` makes every other writer wait (busy_timeout) until this transaction ends,
+    and the rows read are then the latest.
+    """
+    compiled = getattr(context, "compiled", None)
+    if compiled is None or getattr(compiled.statement, "_for_update_arg", None) is None:
+        return
+    if not conn.connection.dbapi_connection.in_transaction:
+        cursor.execute("BEGIN IMMEDIATE")
+
+
 def make_engine(
     url: str,
     *,
@@ -37,6 +56,7 @@ def make_engine(
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "before_cursor_execute", _sqlite_lock_for_update)
         return engine
     connect_args: dict[str, Any] = {}
     if lock_timeout_ms is not None:

@@ -18,6 +18,7 @@ from common.outbox import Dispatcher
 from common.webhooks.events import DELIVER_WEBHOOK_TASK
 from models_db.session import transaction
 from workers.context import WorkerContext
+from workers.jobs.cleanup import sweep_scratch
 from workers.jobs.reaper import reap
 from workers.settings import WorkerSettings
 from workers.webhooks.delivery import WebhookSender, claim_due, deliver, make_client
@@ -37,6 +38,8 @@ def context() -> WorkerContext:
 def create_worker_app(settings: WorkerSettings) -> Celery:
     global _context
     _context = WorkerContext.build(settings)
+    # What training processes killed with this host or by SIGKILL left on its disk.
+    sweep_scratch(settings.scratch)
     app = make_publisher(settings.broker_url)
     app.main = "loraplex-worker"
     app.conf.update(
@@ -106,7 +109,10 @@ class Reaper:
         while not self._stop.wait(self._ctx.settings.reaper_seconds):
             try:
                 with transaction(self._ctx.session_factory) as session:
-                    reap(session)
+                    reap(
+                        session,
+                        validation_resend_seconds=self._ctx.settings.validation_resend_seconds,
+                    )
             except Exception:
                 log.exception("reaper pass failed")
 

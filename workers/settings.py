@@ -31,6 +31,13 @@ class WorkerSettings(CommonSettings):
     checkpoint_every_steps: int = Field(
         default=50, description="Optimizer steps between checkpoints (0: only at the end)."
     )
+    checkpoint_keep: int = Field(
+        default=3,
+        ge=2,
+        description="Checkpoints kept per job (the newest ones); older ones are deleted from "
+        "the database and object storage as new ones are recorded. At least 2, so a resume "
+        "whose latest checkpoint turns out corrupt has one to fall back to.",
+    )
     on_overflow: Literal["truncate", "reject"] = Field(
         default="truncate",
         description="What happens to an example longer than max_seq_len: cut it (and say "
@@ -82,6 +89,25 @@ class WorkerSettings(CommonSettings):
     webhook_disable_after_seconds: int = Field(
         default=5 * 24 * 3600,
         description="An endpoint whose deliveries have all failed for this long is disabled.",
+    )
+    stall_timeout_seconds: float = Field(
+        default=1800.0,
+        ge=0,
+        description="A training process that sends no event for this long is stopped and the "
+        "attempt counts as failed (a deadlocked collective or a hung data loader would "
+        "otherwise hold the job and the worker forever). It reports after every optimizer "
+        "step and every ~30 s of an evaluation, so keep this well above the longest step and "
+        "the time to load the base model (counted from the process's start); 0 disables it.",
+    )
+    validation_retry_seconds: int = Field(
+        default=10,
+        description="After a temporary error in the validation stage, the reaper sends the "
+        "next try once this wait is over.",
+    )
+    validation_resend_seconds: int = Field(
+        default=300,
+        description="A job whose validation no worker has taken up for this long has its "
+        "message sent again (a lost message).",
     )
     work_dir: Path | None = Field(
         default=None, description="Scratch space for jobs (default DATA_DIR/work)."

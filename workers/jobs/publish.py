@@ -4,7 +4,8 @@ The adapter is uploaded into a folder of this attempt's own (``models/JOB/aN``),
 is asked to answer the held prompt as the trainer did (train/serve parity), then one
 transaction marks the job succeeded and creates the model row, the usage record and the
 webhook. A cancel acknowledged before that transaction wins: nothing is recorded and the
-upload is deleted; so is the upload of an attempt that finds itself fenced out.
+upload is deleted; so is the upload of an attempt that finds itself fenced out, fails the
+parity check or fails to upload the whole folder.
 """
 
 from __future__ import annotations
@@ -48,26 +49,31 @@ class Publication:
             params = job.method[method_type]["hyperparameters"]
             name = f"ft:{job.base_model_id}:{tenant.slug}:{job.suffix or ''}:{ids.short_id(8)}"
             base_model = job.base_model_id
-        _manifest, digest = upload_folder(
-            self.ctx.storage,
-            Path(self.done["adapter_dir"]),
-            self.prefix,
-            {
-                "fine_tuned_model": name,
-                "job_id": self.claim.job_id,
-                "base_model": base_model,
-                "lora_rank": params["lora_rank"],
-                "method": method_type,
-                "training_config": params,
-                "metrics": self.metrics,
-            },
-        )
-        parity = self._check_parity(name, base_model, digest)
-        if parity is not None and parity.ok is False:
-            self._parity_failed(parity)
-            return
         try:
-            published = self._record(name, digest, parity, params)
+            _manifest, digest = upload_folder(
+                self.ctx.storage,
+                Path(self.done["adapter_dir"]),
+                self.prefix,
+                {
+                    "fine_tuned_model": name,
+                    "job_id": self.claim.job_id,
+                    "base_model": base_model,
+                    "lora_rank": params["lora_rank"],
+                    "method": method_type,
+                    "training_config": params,
+                    "metrics": self.metrics,
+                },
+            )
+        except Exception:
+            self._delete_upload()  # a part of a folder; the retry uploads into its own
+            raise
+        parity = self._check_parity(name, base_model, digest)
+        try:
+            if parity is not None and parity.ok is False:
+                self._parity_failed(parity)
+                published = False
+            else:
+                published = self._record(name, digest, parity, params)
         except repo.LostJob:
             self._delete_upload()  # this attempt's own folder: nothing points at it
             raise

@@ -20,7 +20,7 @@ from workers.jobs.repository import (
     has_claimable_jobs,
     stalled_validations,
 )
-from workers.jobs.validation import INTERNAL_ERROR_MESSAGE, RESEND_AFTER_SECONDS
+from workers.jobs.validation import INTERNAL_ERROR_MESSAGE
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 def reap(
     session: Session,
     *,
+    validation_resend_seconds: int,
     kick_after_seconds: int = 10,
-    validation_resend_seconds: int = RESEND_AFTER_SECONDS,
 ) -> int:
     """Re-queue jobs with an expired lease, counting a failed attempt (or cancel, fail after
     max_attempts failures, or pause, when the tenant asked for it), and re-send stalled
-    validations; returns how many jobs it handled."""
+    validations (``validation_resend_seconds``: the worker's setting of that name); returns
+    how many jobs it handled."""
     now = now_ts()
     handled = _redrive_validations(session, now, validation_resend_seconds)
     for job in expired_jobs(session, now):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal, null, or_, select, text, update
+from sqlalchemy import and_, case, delete, func, literal, null, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from common import ids
@@ -224,13 +224,53 @@ def finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> 
     return result
 
 
-def latest_checkpoint(session: Session, job_id: str) -> JobCheckpoint | None:
+def checkpoints_newest_first(session: Session, job_id: str) -> Sequence[JobCheckpoint]:
+    """The job's recorded checkpoints, the latest step first: where a resume starts, then
+    where it falls back to."""
     return session.scalars(
         select(JobCheckpoint)
         .where(JobCheckpoint.job_id == job_id)
         .order_by(JobCheckpoint.step.desc())
-        .limit(1)
-    ).first()
+    ).all()
+
+
+def delete_checkpoints(session: Session, claim: Claim, checkpoint_ids: Sequence[str]) -> None:
+    """Delete rows of the claimed job's checkpoints (never another job's, whatever the ids).
+
+    The caller deletes the objects only after this commits: an object nothing points at is
+    harmless, a row pointing at deleted objects is not.
+    """
+    if checkpoint_ids:
+        session.execute(
+            delete(JobCheckpoint).where(
+                JobCheckpoint.job_id == claim.job_id, JobCheckpoint.id.in_(checkpoint_ids)
+            )
+        )
+
+
+def drop_old_checkpoints(session: Session, claim: Claim, keep: int) -> list[str]:
+    """Delete the rows of the claimed job's checkpoints beyond the newest ``keep``; returns
+    their storage prefixes, for the caller to delete once this transaction has committed."""
+    old = session.execute(
+        select(JobCheckpoint.id, JobCheckpoint.storage_prefix)
+        .where(JobCheckpoint.job_id == claim.job_id)
+        .order_by(JobCheckpoint.step.desc())
+        .offset(keep)
+    ).all()
+    delete_checkpoints(session, claim, [row.id for row in old])
+    return [row.storage_prefix for row in old]
+
+
+def checkpoint_prefixes(session: Session, job_id: str) -> set[str]:
+    """The storage prefixes that the job's checkpoint rows point at."""
+    return set(
+        session.scalars(select(JobCheckpoint.storage_prefix).where(JobCheckpoint.job_id == job_id))
+    )
+
+
+def job_status(session: Session, job_id: str) -> JobStatus | None:
+    status = session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
+    return None if status is None else JobStatus(status)
 
 
 def expired_jobs(session: Session, now: int, limit: int = 100) -> Sequence[FineTuningJob]:
@@ -238,9 +278,10 @@ def expired_jobs(session: Session, now: int, limit: int = 100) -> Sequence[FineT
         select(FineTuningJob)
         .where(FineTuningJob.status == JobStatus.RUNNING, FineTuningJob.lease_until < now)
         .limit(limit)
+        # Postgres: the rows another reaper holds are skipped. SQLite: the database's write
+        # lock is taken before the read (models_db.session), so the rows can't change under us.
+        .with_for_update(skip_locked=True)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
     return session.scalars(stmt).all()
 
 
@@ -262,9 +303,10 @@ def stalled_validations(
             ),
         )
         .limit(limit)
+        # Postgres: the rows another reaper holds are skipped. SQLite: the database's write
+        # lock is taken before the read (models_db.session), so the rows can't change under us.
+        .with_for_update(skip_locked=True)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
     return session.scalars(stmt).all()
 
 

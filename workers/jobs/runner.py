@@ -26,11 +26,22 @@ from models_db.models import BaseModel, FineTuningJob, JobCheckpoint
 from models_db.session import transaction
 from workers.context import WorkerContext
 from workers.jobs import repository as repo
-from workers.jobs.artifacts import download_folder, upload_folder
+from workers.jobs.artifacts import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    download_folder,
+    upload_folder,
+)
+from workers.jobs.cleanup import (
+    checkpoints_root,
+    claim_scratch,
+    delete_folder,
+    sweep_checkpoints,
+)
 from workers.jobs.lease import LeaseKeeper
 from workers.jobs.models import local_model_path
 from workers.jobs.publish import Publication
-from workers.jobs.subprocess_io import TrainingProcess
+from workers.jobs.subprocess_io import TrainingProcess, redact_paths
 from workers.jobs.validation import local_tokenized
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,16 @@ def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
         JobRun(ctx, claim).run()
         ran += 1
     return ran
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A recorded checkpoint, as read before the session closed."""
+
+    id: str
+    step: int
+    prefix: str
+    manifest_sha256: str
 
 
 @dataclass
@@ -105,6 +126,15 @@ class JobRun:
             self._attempt_failed(f"internal error ({type(exc).__name__}); details are in the logs")
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self._sweep_if_ended()
+
+    def _sweep_if_ended(self) -> None:
+        """Once the job has ended (however), delete the checkpoint folders no row points at:
+        uploads of attempts that died or were fenced out."""
+        try:
+            sweep_checkpoints(self.ctx, self.claim.tenant_id, self.claim.job_id)
+        except Exception:
+            log.warning("job %s: checkpoint sweep failed", self.claim.job_id, exc_info=True)
 
     def _ids(self) -> tuple[str, int]:
         return self.claim.job_id, self.claim.attempt
@@ -139,18 +169,18 @@ class JobRun:
             assert job is not None and job.artifacts is not None
             base = session.get(BaseModel, job.base_model_id)
             assert base is not None
-            checkpoint = repo.latest_checkpoint(session, job.id)
+            checkpoints = [
+                _Stored(c.id, c.step, c.storage_prefix, c.manifest_sha256)
+                for c in repo.checkpoints_newest_first(session, job.id)
+            ]
             method_type = job.method["type"]
             params = dict(job.method[method_type]["hyperparameters"])
             artifacts = dict(job.artifacts)
             seed, base_name, base_source = job.seed, base.id, base.source
-            resume = (checkpoint.storage_prefix, checkpoint.step) if checkpoint else None
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        resume_dir = None
-        if resume is not None:
-            resume_dir = self.workdir / "resume"
-            download_folder(self.ctx.storage, resume[0], resume_dir)
+        claim_scratch(self.workdir)
+        resume_dir = self._download_resume(checkpoints)
         spec = TrainingSpec(
             method="sft" if method_type == "supervised" else "dpo",
             base_model_path=local_model_path(self.settings, base_name, base_source),
@@ -190,6 +220,66 @@ class JobRun:
         spec_path.write_text(spec.to_json())
         return spec_path
 
+    def _download_resume(self, checkpoints: list[_Stored]) -> Path | None:
+        """The newest recorded checkpoint that is intact, downloaded; None: start at step 0.
+
+        Corrupt or missing ones are skipped, then deleted. A storage error is not a reason to
+        skip one (an older checkpoint would throw away the steps after it): it fails the
+        attempt, which is tried again.
+        """
+        resume_dir = self.workdir / "resume"
+        skipped: list[tuple[_Stored, str]] = []
+        for checkpoint in checkpoints:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+            try:
+                download_folder(
+                    self.ctx.storage,
+                    checkpoint.prefix,
+                    resume_dir,
+                    expected_sha256=checkpoint.manifest_sha256,
+                )
+            except ArtifactCorrupt as exc:
+                log.warning(
+                    "job %s: checkpoint at step %s unusable: %s",
+                    self.claim.job_id,
+                    checkpoint.step,
+                    exc,
+                )
+                kind = "missing" if isinstance(exc, ArtifactMissing) else "corrupt"
+                skipped.append((checkpoint, kind))
+                continue
+            self._discard_checkpoints(skipped, resumed=True)
+            return resume_dir
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        self._discard_checkpoints(skipped, resumed=False)
+        return None
+
+    def _discard_checkpoints(self, skipped: list[tuple[_Stored, str]], *, resumed: bool) -> None:
+        """Delete the rows of unusable checkpoints (so that the steps trained again can be
+        recorded), tell the tenant which and why in a word, then delete their objects."""
+        if not skipped:
+            return
+        with transaction(self.ctx.session_factory) as session:
+            repo.touch(session, self.claim, self.settings.lease_seconds)
+            repo.delete_checkpoints(session, self.claim, [c.id for c, _ in skipped])
+            for checkpoint, kind in skipped:
+                repo.add_event(
+                    session,
+                    self.claim,
+                    f"The checkpoint at step {checkpoint.step} could not be used ({kind}) and "
+                    "was discarded.",
+                    level="warn",
+                )
+            if not resumed:
+                repo.add_event(
+                    session,
+                    self.claim,
+                    "No usable checkpoint is left; training starts again from step 0.",
+                    level="warn",
+                )
+        for checkpoint, _kind in skipped:
+            delete_folder(self.ctx.storage, checkpoint.prefix)
+
     # -- supervision -----------------------------------------------------------------------
 
     def _supervise(self, spec_path: Path) -> None:
@@ -203,6 +293,7 @@ class JobRun:
         )
         outcome = _Outcome()
         pause_sent = False
+        stalled = False
         next_beat = time.monotonic()
         try:
             while True:
@@ -229,6 +320,10 @@ class JobRun:
                     if flags.pause_requested and outcome.started and not pause_sent:
                         proc.signal(signal.SIGUSR1)
                         pause_sent = True
+                if self._stalled(proc):
+                    proc.stop(self.settings.cancel_grace_seconds)
+                    stalled = True
+                    break
         except BaseException:
             proc.stop(self.settings.cancel_grace_seconds)
             raise
@@ -237,6 +332,11 @@ class JobRun:
         # in while the child was finishing wins over whatever it finished with.
         if self._last_heartbeat().cancel_requested:
             self._finish_cancelled()
+        elif stalled:
+            self._attempt_failed(
+                f"training made no progress for {self.settings.stall_timeout_seconds:g} s; "
+                "the process was stopped"
+            )
         elif outcome.done is not None and code == 0:
             self._publish(outcome)
         elif outcome.paused_step is not None and code == 0:
@@ -245,7 +345,23 @@ class JobRun:
             reason = outcome.error or f"training process exited with code {code}"
             if outcome.error is None and (tail := proc.stderr_tail()):
                 reason += f": {tail.splitlines()[-1][:500]}"
-            self._attempt_failed(reason)
+            # The tenant reads this: the worker's folders are replaced, the error is kept.
+            self._attempt_failed(redact_paths(reason, self.workdir))
+
+    def _stalled(self, proc: TrainingProcess) -> bool:
+        """Whether the child has sent no event for the stall timeout. Any event is progress:
+        it reports every optimizer step and, in a long evaluation, every ~30 s; before its
+        ``started`` the limit covers loading the model. A pause needs no exception: the child
+        then writes its checkpoint and exits, reporting as it goes."""
+        limit = self.settings.stall_timeout_seconds
+        if limit <= 0 or proc.silent_for() < limit:
+            return False
+        log.warning(
+            "job %s attempt %s: no event from the training process for %.0f s; stopping it",
+            *self._ids(),
+            proc.silent_for(),
+        )
+        return True
 
     def _handle(self, event: dict[str, Any], outcome: _Outcome) -> None:
         kind = event.get("type")
@@ -290,6 +406,7 @@ class JobRun:
             outcome.paused_step = int(event.get("step", 0))
         elif kind == "error":
             outcome.error = str(event.get("message", "training failed"))[:1000]
+        # "heartbeat" needs nothing here: any event tells the watchdog the child is alive.
 
     def _heartbeat_or_lease_flags(self) -> repo.Flags:
         """A heartbeat that may fail for a while (a database failover): the events stay
@@ -344,16 +461,18 @@ class JobRun:
         self, step: int, path: Path, event: dict[str, Any], outcome: _Outcome
     ) -> None:
         job_id, attempt = self._ids()
-        prefix = f"tenants/{self.claim.tenant_id}/jobs/{job_id}/checkpoints/step-{step}-a{attempt}"
+        prefix = f"{checkpoints_root(self.claim.tenant_id, job_id)}/step-{step}-a{attempt}"
         metrics = {
             k: v
             for k, v in (event.get("metrics") or outcome.last_metrics).items()
             if isinstance(v, int | float) and k != "step"
         }
+        recording = False
         try:
             _manifest, digest = upload_folder(
                 self.ctx.storage, path, prefix, {"job_id": job_id, "step": step, "attempt": attempt}
             )
+            recording = True
             with transaction(self.ctx.session_factory) as session:
                 repo.touch(session, self.claim, self.settings.lease_seconds)
                 session.add(
@@ -367,14 +486,22 @@ class JobRun:
                         metrics=metrics,
                     )
                 )
+                session.flush()
+                superseded = repo.drop_old_checkpoints(
+                    session, self.claim, self.settings.checkpoint_keep
+                )
                 repo.add_event(session, self.claim, f"Checkpoint saved at step {step}.")
         except repo.LostJob:
+            delete_folder(self.ctx.storage, prefix)  # fenced out: no row points at it
             raise
         except IntegrityError:
             log.info("checkpoint at step %s of %s already recorded", step, job_id)
+            delete_folder(self.ctx.storage, prefix)
         except Exception as exc:
             # A missing checkpoint costs only the steps since the one before; the run goes on.
             log.warning("job %s: checkpoint at step %s not saved", job_id, step, exc_info=True)
+            if not recording or self._unrecorded(prefix):
+                delete_folder(self.ctx.storage, prefix)
             self._pending_events.append(
                 {
                     "message": f"The checkpoint at step {step} could not be saved "
@@ -383,6 +510,25 @@ class JobRun:
                     "level": "warn",
                 }
             )
+        else:
+            # The rows are gone (committed): now their objects, which nothing points at.
+            for old in superseded:
+                delete_folder(self.ctx.storage, old)
+
+    def _unrecorded(self, prefix: str) -> bool:
+        """Whether no row points at ``prefix``, after a recording that failed: its commit may
+        have gone through with only the answer lost. False when that cannot be told."""
+        try:
+            with transaction(self.ctx.session_factory) as session:
+                return prefix not in repo.checkpoint_prefixes(session, self.claim.job_id)
+        except Exception:
+            log.warning(
+                "job %s: cannot tell whether %s is recorded",
+                self.claim.job_id,
+                prefix,
+                exc_info=True,
+            )
+            return False
 
     # -- endings ---------------------------------------------------------------------------
 

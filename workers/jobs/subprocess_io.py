@@ -1,4 +1,5 @@
-"""Running the training recipe as a child process and reading its JSON-line events."""
+"""Running the training recipe as a child process, reading its JSON-line events, and making
+its failure text fit for the tenant."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +45,9 @@ class TrainingProcess:
             start_new_session=True,
         )
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        # When the child last sent an event, stamped as it arrives: time the worker spends on an
+        # event (uploading a checkpoint) is not the child's silence.
+        self._last_event = time.monotonic()
         assert self.proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
@@ -58,8 +64,13 @@ class TrainingProcess:
                 log.info("training output: %s", line[:500])
                 continue
             if isinstance(event, dict):
+                self._last_event = time.monotonic()
                 self.events.put(event)
         self.events.put(None)
+
+    def silent_for(self) -> float:
+        """Seconds since the child's latest event (or its start, before the first)."""
+        return time.monotonic() - self._last_event
 
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:
@@ -97,3 +108,29 @@ class TrainingProcess:
         except OSError:
             return ""
         return data.decode("utf-8", "replace").strip()
+
+
+# An absolute path: a "/" at the start or after a space, quote, bracket, "=" or ",", not after a
+# word character ("tokens/s") or a ":" ("https://host/…"); "file://" URLs count as paths. It ends
+# at whitespace, a quote, a bracket or ",;:" (so "/x.py:12" keeps its line number).
+_ABSOLUTE_PATH = re.compile(r"""(?<![^\s'"`(\[{=,])(?:file://)?/[^\s'"`()\[\]{}<>,;:]+""")
+PATH_PLACEHOLDER = "<path>"
+
+
+def redact_paths(text: str, workdir: Path) -> str:
+    """``text`` with every absolute path replaced: one inside ``workdir`` by its path relative
+    to it, any other (scratch and cache folders, site-packages, the base model's folder) by
+    ``<path>``. Failure messages of the training child reach the tenant; the worker's own
+    folders are none of the tenant's business."""
+    root = str(workdir).rstrip("/")
+
+    def replace(match: re.Match[str]) -> str:
+        found = match.group()
+        path = found.rstrip(".")  # a sentence's full stop is not part of the path
+        rest = found[len(path) :]
+        path = path.removeprefix("file://")
+        if path.startswith(root + "/") and len(path) > len(root) + 1:
+            return path[len(root) + 1 :] + rest
+        return PATH_PLACEHOLDER + rest
+
+    return _ABSOLUTE_PATH.sub(replace, text)

@@ -43,10 +43,6 @@ from workers.training.hparams import resolve_auto
 log = logging.getLogger(__name__)
 
 AUTO_MAX_SEQ_LEN = 2048
-# After a temporary error, the next try is sent by the reaper once this wait is over.
-RETRY_AFTER_SECONDS = 10
-# A job with no worker on its validation for this long has its message sent again.
-RESEND_AFTER_SECONDS = 300
 INTERNAL_ERROR_MESSAGE = (
     "Your files could not be validated because of an internal error, on each of {n} tries. "
     "Nothing is wrong with them as far as we know; please create the job again later."
@@ -261,7 +257,8 @@ def _interrupted(ctx: WorkerContext, claim: repo.Claim) -> None:
                 emit_job_finished(session, job.id)
                 return
             job.worker_id = None
-            job.lease_until = now_ts() + RETRY_AFTER_SECONDS
+            # The reaper sends the next try once this wait is over.
+            job.lease_until = now_ts() + ctx.settings.validation_retry_seconds
             add_event(
                 session,
                 job,

@@ -15,7 +15,11 @@ Events (every one has ``type``; floats that are not finite become null):
   over the whole job, resumes included), ``steps``, ``seconds`` (since this process started);
   the process then exits 0.
 * ``paused``: ``step``; after the checkpoint event of that step; exit 0.
-* ``error``: ``message`` (one line); exit 1.
+* ``error``: ``message`` (one line; the worker replaces absolute paths in it before the tenant
+  sees it); exit 1.
+* ``heartbeat``: ``step``; sent after a step or during an evaluation when no other event went
+  out for ``HEARTBEAT_SECONDS``. The worker stops a process that sends nothing for its stall
+  timeout, and any event counts as a sign of progress.
 
 Libraries print to stdout now and then; ``EventStream.take_stdout`` moves the process's stdout to
 stderr and keeps a private duplicate of the original for events, so nothing else can interleave.
@@ -28,9 +32,12 @@ import math
 import os
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from workers.training.errors import TrainingError
+
+HEARTBEAT_SECONDS = 30.0
 
 
 class EventStream:
@@ -39,6 +46,7 @@ class EventStream:
         self._lock = threading.Lock()
         # In a multi-process run only rank 0 reports progress; any rank may report an error.
         self.enabled = enabled
+        self._last_write = time.monotonic()
 
     @classmethod
     def take_stdout(cls, *, enabled: bool = True) -> EventStream:
@@ -51,11 +59,17 @@ class EventStream:
         if self.enabled or kind == "error":
             self.write({"type": kind, **fields})
 
+    def heartbeat(self, *, every: float = HEARTBEAT_SECONDS, **fields: Any) -> None:
+        """A ``heartbeat`` event, unless some event went out in the last ``every`` seconds."""
+        if time.monotonic() - self._last_write >= every:
+            self.emit("heartbeat", **fields)
+
     def write(self, event: dict[str, Any]) -> None:
         line = json.dumps(_finite(event), separators=(",", ":"), allow_nan=False)
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()
+            self._last_write = time.monotonic()
 
 
 def error_message(exc: BaseException) -> str:

@@ -156,6 +156,10 @@ class EventCallback(TrainerCallback):
             self.paused_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+        if not control.should_log:
+            # Steps logged less often than they end: the worker's stall watchdog still hears
+            # from this process (at most every events.HEARTBEAT_SECONDS).
+            self.events.heartbeat(step=state.global_step)
         self._touch()
 
     def on_log(
@@ -209,6 +213,12 @@ class EventCallback(TrainerCallback):
             tokens_per_second=real / seconds if seconds > 0 else None,
             epoch=logs.get("epoch", state.epoch),
         )
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        # A long evaluation (a large validation file on slow hardware) is not a stall.
+        self.events.heartbeat(step=state.global_step)
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any

@@ -142,7 +142,9 @@ class Jobs:
         from workers.jobs.reaper import reap
 
         with transaction(self.session_factory) as session:
-            return reap(session)
+            return reap(
+                session, validation_resend_seconds=self.ctx.settings.validation_resend_seconds
+            )
 
     def job(self, job_id: str) -> JobRecord:
         with transaction(self.session_factory) as session:

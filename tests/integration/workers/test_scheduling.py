@@ -122,7 +122,7 @@ def test_zombie_writes_are_refused(factory) -> None:  # type: ignore[no-untyped-
     with transaction(factory) as session:
         session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
     with transaction(factory) as session:
-        assert reap(session) == 1
+        assert reap(session, validation_resend_seconds=300) == 1
     winner = _claim(factory, "winner")
     assert winner is not None and winner.attempt == 2
     with pytest.raises(repo.LostJob), transaction(factory) as session:
@@ -152,7 +152,7 @@ def test_reaper_fails_a_job_past_max_attempts(factory) -> None:  # type: ignore[
         with transaction(factory) as session:
             session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
         with transaction(factory) as session:
-            reap(session)
+            reap(session, validation_resend_seconds=300)
     with transaction(factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None and job.status == JobStatus.FAILED
@@ -176,7 +176,7 @@ def test_reaper_pauses_a_lost_job_whose_pause_was_requested(factory) -> None:  #
         job.pause_requested_at = now_ts()  # the tenant paused, then the worker died
         job.lease_until = now_ts() - 1
     with transaction(factory) as session:
-        assert reap(session) == 1
+        assert reap(session, validation_resend_seconds=300) == 1
     with transaction(factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None and job.status == JobStatus.PAUSED
@@ -200,14 +200,14 @@ def test_reaper_cancels_a_lost_job_whose_cancel_was_requested(factory) -> None: 
             with transaction(factory) as session:
                 session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
             with transaction(factory) as session:
-                reap(session)
+                reap(session, validation_resend_seconds=300)
     with transaction(factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None
         job.cancel_requested_at = now_ts()  # acknowledged by the API, then the worker died
         job.lease_until = now_ts() - 1
     with transaction(factory) as session:
-        assert reap(session) == 1
+        assert reap(session, validation_resend_seconds=300) == 1
     with transaction(factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None and job.status == JobStatus.CANCELLED
@@ -269,7 +269,7 @@ def test_pause_and_resume_cycles_do_not_use_up_the_failure_budget(factory) -> No
     with transaction(factory) as session:
         session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
     with transaction(factory) as session:
-        assert reap(session) == 1
+        assert reap(session, validation_resend_seconds=300) == 1
     with transaction(factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None and job.status == JobStatus.QUEUED
@@ -309,3 +309,67 @@ def test_a_job_created_by_the_api_statement_starts_with_no_failures(factory) -> 
     with transaction(factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None and job.failed_attempts == 0 and job.attempt == 0
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_factory(request, fresh_database, tmp_path) -> Iterator[sessionmaker[Session]]:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        import migrations
+
+        url = f"sqlite:///{tmp_path / 'embedded.db'}"
+        migrations.upgrade(url)
+    else:
+        url = fresh_database(migrate=True)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        session.add(BaseModel(id="m", source="/nowhere", context_length=512, info={}))
+    yield factory
+    engine.dispose()
+
+
+def test_a_job_finished_while_the_reaper_decides_is_not_requeued(any_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The reaper reads the expired jobs, then writes: a worker finishing the job in between
+    must wait for the reaper (and then find itself fenced out), not be overwritten by it. On
+    SQLite this needs the write lock taken before the read (models_db.session)."""
+    import threading
+    import time
+
+    from workers.jobs import reaper
+
+    factory = any_factory
+    a = _tenant(factory, "tenant-a")
+    (job_id,) = _queue_jobs(factory, a, "tenant-a", 1)
+    claim = _claim(factory, "slow-worker")
+    assert claim is not None
+    with transaction(factory) as session:
+        session.get(FineTuningJob, job_id).lease_until = now_ts() - 1  # type: ignore[union-attr]
+
+    finished: list[JobStatus] = []
+    errors: list[BaseException] = []
+
+    def worker_finishes() -> None:
+        try:
+            with transaction(factory) as session:
+                finished.append(repo.finish(session, claim, JobStatus.SUCCEEDED))
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    finisher = threading.Thread(target=worker_finishes)
+    read_expired = reaper.expired_jobs
+
+    def expired_then_race(session: Session, now: int):  # type: ignore[no-untyped-def]
+        rows = read_expired(session, now)
+        finisher.start()
+        time.sleep(0.5)  # time enough for an unblocked finish to commit
+        return rows
+
+    monkeypatch.setattr(reaper, "expired_jobs", expired_then_race)
+    with transaction(factory) as session:
+        assert reap(session, validation_resend_seconds=300) == 1
+    finisher.join(timeout=30)
+    assert not finisher.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], repo.LostJob), (errors, finished)
+    with transaction(factory) as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status == JobStatus.QUEUED and job.worker_id is None

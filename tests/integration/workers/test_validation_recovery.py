@@ -3,7 +3,8 @@ is replaced by the reaper, and a job that cannot be validated fails with a plain
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +15,6 @@ from models_db.base import now_ts
 from models_db.models import FineTuningJob
 from models_db.session import transaction
 from tests.integration.workers.conftest import Jobs
-from workers.jobs import validation
 from workers.jobs.validation import validate_job
 
 
@@ -108,7 +108,7 @@ def test_a_lost_validation_message_is_sent_again(jobs: Jobs) -> None:
     with transaction(jobs.session_factory) as session:
         job = session.get(FineTuningJob, job_id)
         assert job is not None
-        job.created_at = now_ts() - validation.RESEND_AFTER_SECONDS - 1
+        job.created_at = now_ts() - jobs.ctx.settings.validation_resend_seconds - 1
 
     assert jobs.reap() == 1
     assert jobs.outbox(VALIDATE_JOB_TASK, job_id) == 1
@@ -116,6 +116,39 @@ def test_a_lost_validation_message_is_sent_again(jobs: Jobs) -> None:
     validate_job(jobs.ctx, job_id)
     assert jobs.job(job_id).status == JobStatus.QUEUED
     assert jobs.job(job_id).failed_attempts == 0
+
+
+def test_the_wait_before_a_retry_is_the_workers_setting(
+    make_jobs: Callable[..., Jobs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = make_jobs(validation_retry_seconds=600)
+    job_id = jobs.create()
+    _break_storage(jobs, monkeypatch, StorageError("connection reset by peer"), times=1)
+
+    validate_job(jobs.ctx, job_id)
+
+    lease_until = jobs.job(job_id).lease_until
+    assert lease_until is not None and 590 <= lease_until - now_ts() <= 600
+    assert jobs.reap() == 0  # the retry waits its 10 minutes
+
+
+def test_the_reaper_thread_sends_a_lost_message_again_after_the_workers_setting(
+    make_jobs: Callable[..., Jobs],
+) -> None:
+    from workers.celery_app import Reaper
+
+    jobs = make_jobs(validation_resend_seconds=1, reaper_seconds=0.2)
+    job_id = jobs.create()  # its message is lost: nothing sends it
+    reaper = Reaper(jobs.ctx)
+    reaper.start()
+    try:
+        deadline = time.monotonic() + 15
+        while jobs.outbox(VALIDATE_JOB_TASK, job_id) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        reaper.stop()
+
+    assert jobs.outbox(VALIDATE_JOB_TASK, job_id) == 1  # after seconds, not 5 minutes
 
 
 def test_a_second_message_while_a_worker_validates_does_nothing(jobs: Jobs) -> None:

@@ -1,11 +1,15 @@
-"""The training subprocess wrapper: events, and a child that will not exit."""
+"""The training subprocess wrapper: events, a child that will not exit, how long a child has
+been quiet, and the worker's folders kept out of what the tenant reads of a failure."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
-from workers.jobs.subprocess_io import TrainingProcess
+import pytest
+
+from workers.jobs.subprocess_io import TrainingProcess, redact_paths
 
 
 def _child(tmp_path: Path, code: str) -> TrainingProcess:
@@ -24,3 +28,59 @@ def test_a_child_that_closes_its_output_but_never_exits_is_stopped(tmp_path: Pat
     proc = _child(tmp_path, hang)
     assert proc.events.get(timeout=30) is None
     assert proc.wait(exit_grace=0.5) != 0  # stopped, not waited on for ten minutes
+
+
+def test_silence_is_counted_from_the_latest_event(tmp_path: Path) -> None:
+    proc = _child(
+        tmp_path,
+        'import time; time.sleep(1); print(\'{"type": "metrics"}\', flush=True); time.sleep(30)',
+    )
+    try:
+        assert proc.events.get(timeout=30) == {"type": "metrics"}
+        assert proc.silent_for() < 0.5  # not since the start, a second or more ago
+        time.sleep(0.6)
+        assert proc.silent_for() >= 0.6
+    finally:
+        proc.stop(grace_seconds=1)
+        proc.wait()
+
+
+WORKDIR = Path("/srv/loraplex/work/ftjob-abc/attempt-2")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "base model folder /srv/loraplex/models/llama has no *.safetensors weights",
+            "base model folder <path> has no *.safetensors weights",
+        ),
+        (
+            "FileNotFoundError: [Errno 2] No such file or directory: "
+            "'/srv/loraplex/work/ftjob-abc/attempt-2/resume/adapter_model.safetensors'",
+            "FileNotFoundError: [Errno 2] No such file or directory: "
+            "'resume/adapter_model.safetensors'",
+        ),
+        (
+            'File "/opt/venv/lib/python3.11/site-packages/torch/nn/modules/module.py", line 3',
+            'File "<path>", line 3',
+        ),
+        ("cannot open /data/cache/tokenized/k.safetensors.", "cannot open <path>."),
+        (
+            "PosixPath('/tmp/a') (at /tmp/b) [/tmp/c] x=/tmp/d,/tmp/e",
+            "PosixPath('<path>') (at <path>) [<path>] x=<path>,<path>",
+        ),
+        ("storage file:///data/objects/x failed", "storage <path> failed"),
+        ("see /srv/app/run.py:42", "see <path>:42"),
+        # The work folder's name is not a prefix of another attempt's.
+        ("/srv/loraplex/work/ftjob-abc/attempt-22/spec.json", "<path>"),
+        ("/srv/loraplex/work/ftjob-abc/attempt-2", "<path>"),
+        # Not paths: rates, fractions, URLs.
+        (
+            "CUDA out of memory at 12.5 tokens/s, n/a; see https://pytorch.org/docs/x a / b",
+            "CUDA out of memory at 12.5 tokens/s, n/a; see https://pytorch.org/docs/x a / b",
+        ),
+    ],
+)
+def test_absolute_paths_are_kept_out_of_failure_messages(text: str, shown: str) -> None:
+    assert redact_paths(text, WORKDIR) == shown
