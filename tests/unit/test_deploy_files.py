@@ -367,7 +367,7 @@ def test_k8s_has_every_part(manifests: list[dict[str, Any]]) -> None:
         ("ConfigMap", "loraplex-config"),
         ("Secret", "loraplex-secrets"),
         ("Deployment", "api"),
-        ("Deployment", "gateway"),
+        ("StatefulSet", "gateway"),
         ("StatefulSet", "vllm"),
         ("Deployment", "worker-gpu"),
         ("Deployment", "worker-cpu"),
@@ -405,8 +405,12 @@ def test_k8s_gpu_workloads_request_a_gpu(manifests: list[dict[str, Any]]) -> Non
         (container,) = _find(manifests, kind, name)["spec"]["template"]["spec"]["containers"]
         for bound in ("requests", "limits"):
             assert int(container["resources"][bound]["nvidia.com/gpu"]) >= 1, (name, bound)
-    for name in ("api", "gateway", "worker-cpu"):
-        for container in _containers(_find(manifests, "Deployment", name)):
+    for kind, name in [
+        ("Deployment", "api"),
+        ("StatefulSet", "gateway"),
+        ("Deployment", "worker-cpu"),
+    ]:
+        for container in _containers(_find(manifests, kind, name)):
             assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), name
 
 
@@ -441,7 +445,7 @@ def test_k8s_gateway_and_vllm_share_the_adapter_cache(manifests: list[dict[str, 
     claim = _find(manifests, "PersistentVolumeClaim", "adapter-cache")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     paths = {}
-    for kind, name in [("Deployment", "gateway"), ("StatefulSet", "vllm")]:
+    for kind, name in [("StatefulSet", "gateway"), ("StatefulSet", "vllm")]:
         workload = _find(manifests, kind, name)
         pod = workload["spec"]["template"]["spec"]
         volume = next(v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
@@ -455,7 +459,9 @@ def test_k8s_gateway_and_vllm_share_the_adapter_cache(manifests: list[dict[str, 
         ]
         assert claim_names == ["adapter-cache"], name
     assert paths["gateway"] == paths["vllm"]
-    (gateway,) = _find(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    (gateway,) = _find(manifests, "StatefulSet", "gateway")["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert _env(gateway, ADAPTER_CACHE_ENV).startswith(paths["gateway"] + "/")
 
 
@@ -464,7 +470,7 @@ def test_k8s_network_policy_lets_only_the_gateway_reach_vllm(
 ) -> None:
     policy = _find(manifests, "NetworkPolicy", "vllm-only-from-gateway")["spec"]
     vllm = _find(manifests, "StatefulSet", "vllm")
-    gateway = _find(manifests, "Deployment", "gateway")
+    gateway = _find(manifests, "StatefulSet", "gateway")
     selector = policy["podSelector"]["matchLabels"]
     assert _matches(selector, _pod_labels(vllm))
     assert "Ingress" in policy["policyTypes"]
@@ -508,7 +514,7 @@ def test_k8s_hpa_scales_the_gateway(manifests: list[dict[str, Any]]) -> None:
     hpa = _find(manifests, "HorizontalPodAutoscaler", "gateway")["spec"]
     assert hpa["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": "StatefulSet",
         "name": "gateway",
     }
     assert hpa["minReplicas"] >= 2
@@ -520,3 +526,16 @@ def test_k8s_migrations_run_as_a_job_with_the_api_image(manifests: list[dict[str
     assert container["args"] == ["loraplex", "migrate"]
     (api,) = _find(manifests, "Deployment", "api")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == api["image"]
+
+
+def test_k8s_gateway_pods_keep_their_adapter_cache_folder(manifests: list[dict[str, Any]]) -> None:
+    """Each gateway pod caches adapters in a folder named after itself: the names must be stable
+    (a StatefulSet), or every rollout leaves folders that fill the shared volume."""
+    gateway = _find(manifests, "StatefulSet", "gateway")
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert _env(container, ADAPTER_CACHE_ENV).endswith("/$(POD_NAME)")
+    (pod_name,) = [e for e in container["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert [
+        d for d in manifests if d.get("kind") == "Deployment" and d["metadata"]["name"] == "gateway"
+    ] == []
