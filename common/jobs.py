@@ -13,6 +13,8 @@ DEFAULT_QUEUE = "default"
 VALIDATE_JOB_TASK = "loraplex.fine_tuning.validate_job"
 # Wake a training worker: it claims the next job by fair scheduling (not necessarily this one).
 RUN_JOB_TASK = "loraplex.fine_tuning.run_job"
+# Delete what an ended job's attempts left in object storage (common.job_endings).
+SWEEP_JOB_TASK = "loraplex.fine_tuning.sweep_job"
 
 
 class JobStatus(StrEnum):

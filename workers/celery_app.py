@@ -13,7 +13,13 @@ import threading
 from celery import Celery
 
 from common.broker import make_publisher
-from common.jobs import DEFAULT_QUEUE, RUN_JOB_TASK, TRAIN_QUEUE, VALIDATE_JOB_TASK
+from common.jobs import (
+    DEFAULT_QUEUE,
+    RUN_JOB_TASK,
+    SWEEP_JOB_TASK,
+    TRAIN_QUEUE,
+    VALIDATE_JOB_TASK,
+)
 from common.outbox import Dispatcher
 from common.webhooks.events import DELIVER_WEBHOOK_TASK
 from models_db.session import transaction
@@ -73,6 +79,13 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         from workers.jobs.runner import run_available_jobs
 
         run_available_jobs(context())
+
+    @app.task(name=SWEEP_JOB_TASK)
+    def sweep_job(job_id: str) -> None:
+        # Sent when a job ends, wherever it ended (common.job_endings).
+        from workers.jobs.cleanup import sweep_ended_job
+
+        sweep_ended_job(context(), job_id)
 
     # One client for every wake-up message of this process, not one per delivery.
     webhook_client = make_client(settings)

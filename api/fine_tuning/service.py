@@ -28,6 +28,7 @@ from api.settings import APISettings
 from api.tenancy.service import Principal
 from common import ids
 from common.ids import show_id
+from common.job_endings import job_ended
 from common.jobs import (
     DEFAULT_QUEUE,
     RUN_JOB_TASK,
@@ -36,7 +37,6 @@ from common.jobs import (
     VALIDATE_JOB_TASK,
     JobStatus,
 )
-from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import AuditLogEntry, FineTuningJob, JobEvent, OutboxMessage
 
@@ -286,7 +286,7 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> FineTunin
         message = "Fine-tuning job cancelled."
     _record(session, principal, job, message, "job.cancel")
     if job.status == JobStatus.CANCELLED:
-        emit_job_finished(session, job.id)
+        job_ended(session, job.id)
     return job
 
 

@@ -78,6 +78,13 @@ def sweep_checkpoints(ctx: WorkerContext, tenant_id: str, job_id: str) -> int:
     return removed
 
 
+def sweep_ended_job(ctx: WorkerContext, job_id: str) -> int:
+    """The ``sweep_job`` task (common.job_endings): sweep_checkpoints for a job named by id."""
+    with transaction(ctx.session_factory) as session:
+        tenant_id = repo.tenant_of(session, job_id)
+    return 0 if tenant_id is None else sweep_checkpoints(ctx, tenant_id, job_id)
+
+
 # -- scratch folders ---------------------------------------------------------------------------
 
 

@@ -8,8 +8,8 @@ import logging
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from common.job_endings import job_ended
 from common.jobs import RUN_JOB_TASK, JobStatus
-from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import FineTuningJob, OutboxMessage
 from workers.jobs.repository import (
@@ -50,7 +50,7 @@ def reap(
                 "The job's worker stopped responding; the job is cancelled as requested; no "
                 "model was published.",
             )
-            emit_job_finished(session, job.id)
+            job_ended(session, job.id)
         else:
             _count_lost_attempt(session, job, now)
         job.worker_id = None
@@ -86,7 +86,7 @@ def _redrive_validations(session: Session, now: int, resend_after: int) -> int:
                 job.worker_id = job.lease_until = None
                 job.error = {"code": "validation_error", "message": message, "param": None}
                 add_event(session, job, f"Validation failed: {message}", level="error")
-                emit_job_finished(session, job.id)
+                job_ended(session, job.id)
                 continue
             add_event(
                 session,
@@ -121,7 +121,7 @@ def _count_lost_attempt(session: Session, job: FineTuningJob, now: int) -> None:
             "The job's worker stopped responding; job failed.",
             level="error",
         )
-        emit_job_finished(session, job.id)
+        job_ended(session, job.id)
     elif job.pause_requested_at is not None:
         # The tenant asked for a pause: honour it instead of starting the job again.
         job.status = JobStatus.PAUSED

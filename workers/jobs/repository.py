@@ -16,6 +16,7 @@ from sqlalchemy import and_, case, delete, func, literal, null, or_, select, tex
 from sqlalchemy.orm import Session, aliased
 
 from common import ids
+from common.job_endings import job_ended
 from common.jobs import (
     DEFAULT_QUEUE,
     RUN_JOB_TASK,
@@ -24,7 +25,6 @@ from common.jobs import (
     VALIDATE_JOB_TASK,
     JobStatus,
 )
-from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import FineTuningJob, JobCheckpoint, JobEvent, OutboxMessage, Tenant
 
@@ -220,7 +220,7 @@ def finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> 
         raise LostJob(claim.job_id)
     result = JobStatus(written)
     if result in TERMINAL_STATUSES:
-        emit_job_finished(session, claim.job_id)
+        job_ended(session, claim.job_id)
     return result
 
 
@@ -266,6 +266,13 @@ def checkpoint_prefixes(session: Session, job_id: str) -> set[str]:
     return set(
         session.scalars(select(JobCheckpoint.storage_prefix).where(JobCheckpoint.job_id == job_id))
     )
+
+
+def tenant_of(session: Session, job_id: str) -> str | None:
+    tenant_id: str | None = session.scalar(
+        select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id)
+    )
+    return tenant_id
 
 
 def job_status(session: Session, job_id: str) -> JobStatus | None:

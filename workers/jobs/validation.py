@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 
 from common.datasets import DatasetError, iter_examples, parity_prompt
 from common.datasets.validator import Example
+from common.job_endings import job_ended
 from common.jobs import TERMINAL_STATUSES, JobStatus
 from common.storage import ObjectNotFound
-from common.webhooks.events import emit_job_finished
 from models_db.base import now_ts
 from models_db.models import BaseModel, File, FineTuningJob
 from models_db.session import transaction
@@ -198,7 +198,7 @@ def _fail(ctx: WorkerContext, claim: repo.Claim, failure: ValidationFailed) -> N
         _end(job, JobStatus.FAILED)
         job.error = {"code": failure.code, "message": failure.message, "param": failure.param}
         add_event(session, job, f"Validation failed: {failure.message}", level="error")
-        emit_job_finished(session, job.id)
+        job_ended(session, job.id)
 
 
 def _owned(session: Session, ctx: WorkerContext, claim: repo.Claim) -> FineTuningJob:
@@ -254,7 +254,7 @@ def _interrupted(ctx: WorkerContext, claim: repo.Claim) -> None:
                 _end(job, JobStatus.FAILED)
                 job.error = {"code": "validation_error", "message": message, "param": None}
                 add_event(session, job, f"Validation failed: {message}", level="error")
-                emit_job_finished(session, job.id)
+                job_ended(session, job.id)
                 return
             job.worker_id = None
             # The reaper sends the next try once this wait is over.

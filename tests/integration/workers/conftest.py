@@ -138,6 +138,14 @@ class Jobs:
 
         return run_available_jobs(self.ctx, max_jobs)
 
+    def claim_only(self) -> str | None:
+        """A worker claims the next job and dies at once: nothing runs, the lease stays."""
+        from workers.jobs import repository as repo
+
+        with transaction(self.session_factory) as session:
+            claim = repo.claim_next(session, "doomed-worker", self.ctx.settings.lease_seconds)
+        return None if claim is None else claim.job_id
+
     def reap(self) -> int:
         from workers.jobs.reaper import reap
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from common.jobs import JobStatus
+from common.jobs import SWEEP_JOB_TASK, JobStatus
 from common.storage import StorageError
 from models_db.models import FineTuningJob, JobCheckpoint
 from models_db.session import transaction
@@ -291,3 +291,25 @@ def test_a_running_attempts_scratch_folder_survives_a_worker_starting_meanwhile(
 
     assert jobs.job(job_id).status == JobStatus.SUCCEEDED, jobs.messages(job_id)
     assert owned == [True] and swept == [[]]
+
+
+def test_a_job_ended_without_its_worker_is_swept_by_the_task_its_end_sends(jobs: Jobs) -> None:
+    """The reaper giving up on a dead worker (no worker finishes the job, so none sweeps it):
+    the transaction that fails the job also sends the sweep task, which leaves only what the
+    job's rows point at."""
+    from workers.jobs.cleanup import sweep_ended_job
+
+    job_id = jobs.queued()
+    root = checkpoints_root(jobs.tenant_id, job_id)
+    jobs.ctx.storage.put_bytes(f"{root}/step-2-a1/adapter_model.safetensors", b"half")
+    for _ in range(3):  # each worker dies at once; the third loss fails the job
+        assert jobs.claim_only() == job_id
+        jobs.expire_lease(job_id)
+        assert jobs.reap() == 1
+    assert jobs.job(job_id).status == JobStatus.FAILED
+    assert jobs.outbox(SWEEP_JOB_TASK, job_id) == 1
+    assert _folders(jobs, job_id) == {"step-2-a1"}
+
+    assert sweep_ended_job(jobs.ctx, job_id) == 1
+    assert _folders(jobs, job_id) == set()
+    assert sweep_ended_job(jobs.ctx, job_id) == 0  # a second delivery finds nothing

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common import ids
-from common.jobs import JobStatus
+from common.jobs import RUN_JOB_TASK, JobStatus
 from models_db.base import now_ts
 from models_db.models import BaseModel, File, FineTuningJob, JobEvent, OutboxMessage, Tenant
 from models_db.session import make_engine, make_session_factory, transaction
@@ -159,7 +159,9 @@ def test_reaper_fails_a_job_past_max_attempts(factory) -> None:  # type: ignore[
         assert job.error is not None and job.error["code"] == "worker_lost"
         messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
         wakeups = session.scalars(
-            select(OutboxMessage).where(OutboxMessage.args[0].as_string() == job_id)
+            select(OutboxMessage).where(
+                OutboxMessage.args[0].as_string() == job_id, OutboxMessage.task == RUN_JOB_TASK
+            )
         ).all()
     assert any("re-queued" in m for m in messages)
     assert len(wakeups) == 2  # after the first two losses, not after the last
@@ -183,7 +185,9 @@ def test_reaper_pauses_a_lost_job_whose_pause_was_requested(factory) -> None:  #
         assert job.pause_requested_at is None and job.worker_id is None
         messages = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
         wakeups = session.scalars(
-            select(OutboxMessage).where(OutboxMessage.args[0].as_string() == job_id)
+            select(OutboxMessage).where(
+                OutboxMessage.args[0].as_string() == job_id, OutboxMessage.task == RUN_JOB_TASK
+            )
         ).all()
     assert any("paused as requested" in m for m in messages)
     assert wakeups == []  # nothing runs it until the tenant resumes it
