@@ -46,25 +46,48 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_object_from_pairs)
 _PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs)
 
 
-def _first_duplicate(value: Any, path: str) -> tuple[str, str] | None:
-    """(key, path of its object) for the first object that repeats a key, in the order a
-    parser finishes objects (inner before outer), which is where the fast path stopped."""
+_MAX_WHERE = 200
+"""Longest path reported (its end is kept): the error names a place, it does not echo a body."""
+
+
+def _first_duplicate(value: Any, parts: list[str | int]) -> tuple[str, list[str | int]] | None:
+    """(key, path parts of its object) for the first object that repeats a key, in the order a
+    parser finishes objects (inner before outer), which is where the fast path stopped.
+
+    ``parts`` is one list pushed and popped on the way down: the walk stays linear in the body's
+    size however deep it nests (building a path string per level was quadratic).
+    """
     if isinstance(value, _Pairs):
         for key, item in value:
-            found = _first_duplicate(item, f"{path}.{show_id(key)}" if path else show_id(key))
+            parts.append(key)
+            found = _first_duplicate(item, parts)
             if found is not None:
                 return found
+            parts.pop()
         seen: set[str] = set()
         for key, _ in value:
             if key in seen:
-                return key, path
+                return key, list(parts)
             seen.add(key)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            found = _first_duplicate(item, f"{path}[{index}]")
+            parts.append(index)
+            found = _first_duplicate(item, parts)
             if found is not None:
                 return found
+            parts.pop()
     return None
+
+
+def _path(parts: list[str | int]) -> str:
+    """``a.b[0].c`` from its parts, each key cut by ``show_id`` and the whole to its end."""
+    path = ""
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{show_id(part)}" if path else show_id(part)
+    return path if len(path) <= _MAX_WHERE else "…" + path[-_MAX_WHERE:]
 
 
 def loads(body: bytes) -> Any:
@@ -76,6 +99,6 @@ def loads(body: bytes) -> Any:
         pass
     # Parsed again in full, so that what follows the duplicate fails as json.loads would fail
     # on it (a syntax error is still a syntax error).
-    found = _first_duplicate(_PAIRS_DECODER.decode(text), "")
-    key, where = found if found is not None else ("", "")  # (the fast path saw one)
+    found = _first_duplicate(_PAIRS_DECODER.decode(text), [])
+    key, where = (found[0], _path(found[1])) if found is not None else ("", "")
     raise DuplicateKey(key, where)

@@ -84,3 +84,36 @@ def test_every_route_of_the_public_api_refuses_repeated_keys() -> None:
     assert len(routes) >= 20
     assert [r.path for r in routes if not isinstance(r, StrictJSONRoute)] == []
     assert [r.path for r in routes if r.body_field is not None]  # (the check saw JSON routes)
+
+
+def test_finding_a_repeat_stays_linear_and_short_in_a_deep_wide_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A body built to make the search slow (deep nesting of long keys, then many siblings):
+    the path is put together once, for the object found (building it for every key visited
+    copied the whole path 120,000 times here, over a second of CPU), and named in a bounded
+    string."""
+    from common import strict_json
+
+    shown: list[str] = []
+    real_show_id = strict_json.show_id
+    monkeypatch.setattr(strict_json, "show_id", lambda v: shown.append(v) or real_show_id(v))
+    depth, key = 850, "k" * 80
+    body = (
+        "".join(f'{{"{key}{i}": ' for i in range(depth))
+        + "{"
+        + ", ".join(f'"s{i}": 0' for i in range(120_000))
+        + ', "s0": 1}'
+        + "}" * depth
+    ).encode()
+    with pytest.raises(DuplicateKey) as caught:
+        loads(body)
+    assert caught.value.key == "s0"
+    assert len(shown) <= depth + 1
+    message, param = caught.value.describe()
+    assert len(caught.value.where) <= 201 and len(param) < 300 and len(message) < 600
+
+
+def test_a_key_that_looks_like_an_index_is_still_a_key() -> None:
+    assert _refused('{"[0]": {"a": 1, "a": 2}}') == ("a", "[0]")
+    assert _refused('{"x": [{"a": 1, "a": 2}]}') == ("a", "x[0]")
