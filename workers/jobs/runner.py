@@ -46,6 +46,9 @@ from workers.jobs.validation import local_tokenized
 
 log = logging.getLogger(__name__)
 
+EXIT_GRACE_SECONDS = 60.0
+"""How long a training process may go on after reporting its result before it is stopped."""
+
 
 def run_available_jobs(ctx: WorkerContext, max_jobs: int | None = None) -> int:
     """Claim and run jobs until none is claimable (or ``max_jobs`` ran); returns the count."""
@@ -320,14 +323,17 @@ class JobRun:
                     if flags.pause_requested and outcome.started and not pause_sent:
                         proc.signal(signal.SIGUSR1)
                         pause_sent = True
-                if self._stalled(proc):
+                if self._ended_but_still_running(proc, outcome):
+                    proc.stop(self.settings.cancel_grace_seconds)
+                    break
+                if self._stalled(proc, outcome):
                     proc.stop(self.settings.cancel_grace_seconds)
                     stalled = True
                     break
         except BaseException:
             proc.stop(self.settings.cancel_grace_seconds)
             raise
-        code = proc.wait()
+        code = proc.wait(EXIT_GRACE_SECONDS)
         # Flush buffered events (raises LostJob if fenced out meanwhile); a cancel that came
         # in while the child was finishing wins over whatever it finished with.
         if self._last_heartbeat().cancel_requested:
@@ -337,9 +343,14 @@ class JobRun:
                 f"training made no progress for {self.settings.stall_timeout_seconds:g} s; "
                 "the process was stopped"
             )
-        elif outcome.done is not None and code == 0:
+        # `done` comes after the adapter is written (and every process is past the barrier),
+        # `paused` after the checkpoint: what the process does after that (a collective that
+        # hangs at shutdown, a crash on exit) cannot spoil them.
+        elif outcome.done is not None:
+            self._log_exit_after_end(code)
             self._publish(outcome)
-        elif outcome.paused_step is not None and code == 0:
+        elif outcome.paused_step is not None:
+            self._log_exit_after_end(code)
             self._finish_paused(outcome.paused_step)
         else:
             reason = outcome.error or f"training process exited with code {code}"
@@ -348,12 +359,28 @@ class JobRun:
             # The tenant reads this: the worker's folders are replaced, the error is kept.
             self._attempt_failed(redact_paths(reason, self.workdir))
 
-    def _stalled(self, proc: TrainingProcess) -> bool:
+    def _ended_but_still_running(self, proc: TrainingProcess, outcome: _Outcome) -> bool:
+        """Whether the child reported its end (``done``/``paused``) but has gone on running,
+        silent, for ``EXIT_GRACE_SECONDS``: it is then stopped and its result used."""
+        ended = outcome.done is not None or outcome.paused_step is not None
+        return ended and proc.silent_for() >= EXIT_GRACE_SECONDS
+
+    def _log_exit_after_end(self, code: int) -> None:
+        if code != 0:
+            log.warning(
+                "job %s attempt %s: the training process exited with %s after its result",
+                *self._ids(),
+                code,
+            )
+
+    def _stalled(self, proc: TrainingProcess, outcome: _Outcome) -> bool:
         """Whether the child has sent no event for the stall timeout. Any event is progress:
         it reports every optimizer step and, in a long evaluation, every ~30 s; before its
         ``started`` the limit covers loading the model. A pause needs no exception: the child
         then writes its checkpoint and exits, reporting as it goes."""
         limit = self.settings.stall_timeout_seconds
+        if outcome.done is not None or outcome.paused_step is not None:
+            return False  # its result is in: see _ended_but_still_running
         if limit <= 0 or proc.silent_for() < limit:
             return False
         log.warning(

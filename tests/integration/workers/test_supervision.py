@@ -119,3 +119,34 @@ def test_a_stall_timeout_of_zero_lets_a_quiet_process_run(
     assert child.proc.returncode == 3, messages
     failed = "Attempt 1 failed (1 of 3 allowed failures): training process exited with code 3"
     assert any(m.startswith(failed) for m in messages), messages
+
+
+# Reports its result, then neither exits nor says anything more (a collective hanging at
+# shutdown), or exits with an error code after it.
+PAUSED_THEN_HANGS = (
+    "import json, time; print(json.dumps({'type': 'started', 'total_steps': 4}), flush=True); "
+    "print(json.dumps({'type': 'paused', 'step': 2}), flush=True); time.sleep(20)"
+)
+PAUSED_THEN_CRASHES = (
+    "import json, sys; print(json.dumps({'type': 'started', 'total_steps': 4}), flush=True); "
+    "print(json.dumps({'type': 'paused', 'step': 2}), flush=True); sys.exit(3)"
+)
+
+
+@pytest.mark.parametrize("code", [PAUSED_THEN_HANGS, PAUSED_THEN_CRASHES], ids=["hangs", "crashes"])
+def test_what_a_process_does_after_reporting_its_result_does_not_undo_it(
+    make_jobs: Callable[..., Jobs], monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    jobs = make_jobs(stall_timeout_seconds=1.0)
+    job_id = jobs.queued()
+    children = _children(monkeypatch, code)
+    monkeypatch.setattr(runner, "EXIT_GRACE_SECONDS", 0.5)
+
+    jobs.run(max_jobs=1)
+
+    job = jobs.job(job_id)
+    messages = jobs.messages(job_id)
+    assert job.status == JobStatus.PAUSED and job.failed_attempts == 0, messages
+    assert "Job paused at step 2; resume it to continue." in messages
+    assert not any("no progress" in m for m in messages)
+    assert len(children) == 1 and children[0].proc.poll() is not None
