@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from common import ids
 from common.jobs import JobStatus
+from common.storage import StorageError
 from models_db.models import BaseModel, FineTuningJob, JobCheckpoint
 from models_db.session import transaction
 from workers.context import WorkerContext
@@ -242,6 +243,13 @@ class JobRun:
                     expected_sha256=checkpoint.manifest_sha256,
                 )
             except ArtifactCorrupt as exc:
+                if isinstance(exc, ArtifactMissing) and not self._store_shows_checkpoints():
+                    # Not one object of the job's checkpoints is visible although rows say
+                    # they were written: a store misconfigured or not mounted, not lost
+                    # checkpoints. Discarding them would throw their rows away for good.
+                    raise StorageError(
+                        f"no checkpoint of job {self.claim.job_id} is visible in storage"
+                    ) from exc
                 log.warning(
                     "job %s: checkpoint at step %s unusable: %s",
                     self.claim.job_id,
@@ -256,6 +264,10 @@ class JobRun:
         shutil.rmtree(resume_dir, ignore_errors=True)
         self._discard_checkpoints(skipped, resumed=False)
         return None
+
+    def _store_shows_checkpoints(self) -> bool:
+        root = checkpoints_root(self.claim.tenant_id, self.claim.job_id)
+        return bool(self.ctx.storage.list_keys(f"{root}/"))
 
     def _discard_checkpoints(self, skipped: list[tuple[_Stored, str]], *, resumed: bool) -> None:
         """Delete the rows of unusable checkpoints (so that the steps trained again can be

@@ -204,6 +204,28 @@ def test_a_storage_outage_while_resuming_is_retried_not_a_reason_to_fall_back(
     assert [prefix.rsplit("/", 1)[1] for prefix in calls] == ["step-6-a1", "step-6-a1"]
 
 
+def test_a_store_that_shows_none_of_the_checkpoints_is_an_outage_not_a_loss(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every checkpoint object gone at once (a store misconfigured or not mounted): discarding
+    them would delete their rows for good, so the attempts fail instead and the rows stay."""
+    job_id = jobs.queued(batch_size=2)
+
+    def lose_everything(checkpoints: list[tuple[int, str]]) -> None:
+        root = checkpoints_root(jobs.tenant_id, job_id)
+        jobs.ctx.storage.delete_prefix(f"{root}/")
+
+    _first_attempt_fails_after_its_checkpoints(jobs, monkeypatch, lose_everything)
+    jobs.run(max_jobs=3)
+
+    job = jobs.job(job_id)
+    messages = jobs.messages(job_id)
+    assert job.status == JobStatus.FAILED and job.failed_attempts == 3, messages
+    assert any(m.startswith("Attempt 2 failed") and "(StorageError)" in m for m in messages)
+    assert not [m for m in messages if "could not be used" in m]
+    assert [step for step, _ in _checkpoints(jobs, job_id)] == [2, 4, 6]
+
+
 # -- what is left in object storage --------------------------------------------------------------
 
 
