@@ -39,3 +39,8 @@ def verify(secret_key: str, body: bytes, headers: dict[str, str], now: float | N
     if abs(current - int(timestamp)) > MAX_AGE_SECONDS:
         return False
     return hmac.compare_digest(signature[3:], _digest(secret_key, timestamp, body))
+
+
+REPLICAS_REQUEST = b"GET /internal/replicas"
+"""What a request for the gateway's replica list signs (it has no body): the method and the
+path, so that no other signed request, a parity check say, can stand in for it."""

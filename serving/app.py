@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.catalog.service import list_models
 from api.errors import error_body
-from common.internal_auth import verify
+from common.internal_auth import REPLICAS_REQUEST, verify
 from common.logging import configure_logging
 from common.storage import storage_from_url
 from models_db.base import now_ts
@@ -124,7 +124,7 @@ async def replicas(request: Request) -> Response:
     """Internal, for the operators' dashboard (signed with the server secret): each replica's
     health, base model, in-flight requests and loaded adapters."""
     gateway = _gateway(request)
-    if not verify(gateway.settings.secret_key, b"", dict(request.headers)):
+    if not verify(gateway.settings.secret_key, REPLICAS_REQUEST, dict(request.headers)):
         return _not_found()
     return JSONResponse(
         {

@@ -21,6 +21,7 @@ from common.jobs import (
     VALIDATE_JOB_TASK,
 )
 from common.outbox import Dispatcher
+from common.storage import StorageError
 from common.webhooks.events import DELIVER_WEBHOOK_TASK
 from models_db.session import transaction
 from workers.context import WorkerContext
@@ -80,7 +81,14 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
         run_available_jobs(context())
 
-    @app.task(name=SWEEP_JOB_TASK)
+    # A store that fails is tried again later (with acks_late the message stays until then).
+    @app.task(
+        name=SWEEP_JOB_TASK,
+        autoretry_for=(StorageError,),
+        retry_backoff=30,
+        retry_backoff_max=3600,
+        max_retries=8,
+    )
     def sweep_job(job_id: str) -> None:
         # Sent when a job ends, wherever it ended (common.job_endings).
         from workers.jobs.cleanup import sweep_ended_job

@@ -101,11 +101,13 @@ class WorkerSettings(CommonSettings):
     )
     validation_retry_seconds: int = Field(
         default=10,
+        ge=1,
         description="After a temporary error in the validation stage, the reaper sends the "
         "next try once this wait is over.",
     )
     validation_resend_seconds: int = Field(
         default=300,
+        ge=1,
         description="A job whose validation no worker has taken up for this long has its "
         "message sent again (a lost message).",
     )

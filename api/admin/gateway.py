@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from common.internal_auth import sign
+from common.internal_auth import REPLICAS_REQUEST, sign
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def fetch(gateway_url: str, secret_key: str, timeout: float = 2.0) -> GatewayVie
         # /readyz answers 503 with the same body while no replica is healthy.
         ready = httpx.get(base + "/readyz", timeout=timeout).json()
         detail = httpx.get(
-            base + "/internal/replicas", headers=sign(secret_key, b""), timeout=timeout
+            base + "/internal/replicas", headers=sign(secret_key, REPLICAS_REQUEST), timeout=timeout
         ).json()
     except (httpx.HTTPError, ValueError) as exc:
         return GatewayView(configured=True, error=f"unreachable: {type(exc).__name__}")

@@ -37,6 +37,10 @@ OWNER_FILE = "owner.json"
 ORPHAN_AFTER_SECONDS = 3600
 """A scratch folder that names no owner is deleted once nothing in it changed for this long."""
 
+OTHER_HOST_AFTER_SECONDS = 7 * 24 * 3600
+"""A folder owned on another host (a container recreated under a new name, on a volume kept)
+is deleted once nothing in it changed for this long: a live attempt writes its log every step."""
+
 _ATTEMPT_FOLDER = re.compile(r"attempt-\d+")
 
 
@@ -56,33 +60,41 @@ def delete_folder(storage: ObjectStorage, prefix: str) -> None:
         log.warning("could not delete %s", prefix, exc_info=True)
 
 
-def sweep_checkpoints(ctx: WorkerContext, tenant_id: str, job_id: str) -> int:
-    """Delete the checkpoint folders of an ended job that no row points at; returns how many.
+def adapters_root(tenant_id: str, job_id: str) -> str:
+    """The folder in storage under which each attempt of the job uploads its adapter (``aN``)."""
+    return f"tenants/{tenant_id}/models/{job_id}"
 
-    Only once the job has ended: no attempt can record a checkpoint after that (the recording
-    is fenced by the `running` status), so the rows read here are final.
+
+def sweep_unreferenced(ctx: WorkerContext, tenant_id: str, job_id: str) -> int:
+    """Delete the checkpoint and adapter folders of an ended job that no row points at (uploads
+    of attempts that died or were fenced out); returns how many.
+
+    Only once the job has ended: no attempt can record a checkpoint or publish after that (both
+    are fenced by the `running` status), so the rows read here are final.
     """
     with transaction(ctx.session_factory) as session:
         if repo.job_status(session, job_id) not in TERMINAL_STATUSES:
             return 0
-        referenced = repo.checkpoint_prefixes(session, job_id)
-    root = checkpoints_root(tenant_id, job_id)
-    folders = {key[len(root) + 1 :].split("/", 1)[0] for key in ctx.storage.list_keys(f"{root}/")}
+        referenced = repo.checkpoint_prefixes(session, job_id) | repo.adapter_prefixes(
+            session, job_id
+        )
     removed = 0
-    for folder in sorted(folders):
-        if f"{root}/{folder}" not in referenced:
-            ctx.storage.delete_prefix(f"{root}/{folder}/")
-            removed += 1
+    for root in (checkpoints_root(tenant_id, job_id), adapters_root(tenant_id, job_id)):
+        keys = ctx.storage.list_keys(f"{root}/")
+        for folder in sorted({key[len(root) + 1 :].split("/", 1)[0] for key in keys}):
+            if f"{root}/{folder}" not in referenced:
+                ctx.storage.delete_prefix(f"{root}/{folder}/")
+                removed += 1
     if removed:
-        log.info("job %s: deleted %d checkpoint folder(s) no row points at", job_id, removed)
+        log.info("job %s: deleted %d folder(s) no row points at", job_id, removed)
     return removed
 
 
 def sweep_ended_job(ctx: WorkerContext, job_id: str) -> int:
-    """The ``sweep_job`` task (common.job_endings): sweep_checkpoints for a job named by id."""
+    """The ``sweep_job`` task (common.job_endings): sweep_unreferenced for a job named by id."""
     with transaction(ctx.session_factory) as session:
         tenant_id = repo.tenant_of(session, job_id)
-    return 0 if tenant_id is None else sweep_checkpoints(ctx, tenant_id, job_id)
+    return 0 if tenant_id is None else sweep_unreferenced(ctx, tenant_id, job_id)
 
 
 # -- scratch folders ---------------------------------------------------------------------------
@@ -99,7 +111,8 @@ def sweep_scratch(scratch: Path) -> list[Path]:
     """Delete the attempt folders (``JOB/attempt-N``) that no live process on this host owns,
     and job folders left empty; returns the attempt folders deleted.
 
-    A folder owned on another host (a shared volume) is kept: its pid means nothing here.
+    A folder owned on another host (a shared volume) is kept while anything in it changed in
+    the last week: its pid means nothing here.
     """
     removed: list[Path] = []
     if not scratch.is_dir():
@@ -128,7 +141,7 @@ def _abandoned(folder: Path) -> bool:
         # Killed before it wrote its owner file, or written by an older version.
         return _newest_mtime(folder) < time.time() - ORPHAN_AFTER_SECONDS
     if owner.get("host") != socket.gethostname():
-        return False
+        return _newest_mtime(folder) < time.time() - OTHER_HOST_AFTER_SECONDS
     pid, started = owner.get("pid"), owner.get("started")
     if not isinstance(pid, int) or pid <= 0:
         return _newest_mtime(folder) < time.time() - ORPHAN_AFTER_SECONDS

@@ -53,7 +53,9 @@ def check_parity(
             timeout=timeout,
         )
     except httpx.HTTPError as exc:
-        return ParityResult(None, expected, detail=f"gateway unreachable: {exc}")
+        # The tenant reads the detail in the job's events: the gateway's address stays here.
+        log.warning("parity check: gateway %s unreachable: %s", gateway_url, exc)
+        return ParityResult(None, expected, detail=f"gateway unreachable ({type(exc).__name__})")
     if response.status_code != 200:
         try:
             error = response.json()["error"]
@@ -62,9 +64,14 @@ def check_parity(
         if isinstance(error, dict) and error.get("code") in _SERVING_REFUSED:
             # Serving cannot use this adapter at all: as much a mismatch as a wrong answer.
             return ParityResult(False, expected, None, detail=str(error.get("message")))
-        return ParityResult(
-            None, expected, detail=f"gateway answered {response.status_code}: {response.text[:300]}"
+        # The gateway's own error message is written for tenants; anything else (a proxy's
+        # page, say) goes to the log only.
+        log.warning(
+            "parity check: gateway answered %s: %s", response.status_code, response.text[:300]
         )
+        message = error.get("message") if isinstance(error, dict) else None
+        said = f": {str(message)[:300]}" if isinstance(message, str) and message else ""
+        return ParityResult(None, expected, detail=f"gateway answered {response.status_code}{said}")
     answer = response.json()
     served, served_ids = answer.get("text"), answer.get("token_ids")
     if served_ids is not None and sample.get("token_ids") is not None:

@@ -21,6 +21,7 @@ from models_db.session import transaction
 from workers.context import WorkerContext
 from workers.jobs import repository as repo
 from workers.jobs.artifacts import upload_folder
+from workers.jobs.cleanup import adapters_root
 from workers.jobs.parity import ParityResult, check_parity
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Publication:
         self.metrics: dict[str, Any] = done.get("metrics") or {}
         # One folder per attempt: an attempt taken over while uploading can never overwrite
         # what another attempt published.
-        self.prefix = f"tenants/{claim.tenant_id}/models/{claim.job_id}/a{claim.attempt}"
+        self.prefix = f"{adapters_root(claim.tenant_id, claim.job_id)}/a{claim.attempt}"
 
     def run(self) -> None:
         with transaction(self.ctx.session_factory) as session:

@@ -26,7 +26,14 @@ from common.jobs import (
     JobStatus,
 )
 from models_db.base import now_ts
-from models_db.models import FineTuningJob, JobCheckpoint, JobEvent, OutboxMessage, Tenant
+from models_db.models import (
+    FineTunedModel,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    OutboxMessage,
+    Tenant,
+)
 
 # Serializes claims on Postgres so the per-tenant quota check and the claim are one step.
 _CLAIM_LOCK_KEY = 0x10AA
@@ -265,6 +272,15 @@ def checkpoint_prefixes(session: Session, job_id: str) -> set[str]:
     """The storage prefixes that the job's checkpoint rows point at."""
     return set(
         session.scalars(select(JobCheckpoint.storage_prefix).where(JobCheckpoint.job_id == job_id))
+    )
+
+
+def adapter_prefixes(session: Session, job_id: str) -> set[str]:
+    """The storage prefix of the job's published adapter, if it has one (kept when retired)."""
+    return set(
+        session.scalars(
+            select(FineTunedModel.storage_prefix).where(FineTunedModel.job_id == job_id)
+        )
     )
 
 

@@ -37,7 +37,7 @@ from workers.jobs.cleanup import (
     checkpoints_root,
     claim_scratch,
     delete_folder,
-    sweep_checkpoints,
+    sweep_unreferenced,
 )
 from workers.jobs.lease import LeaseKeeper
 from workers.jobs.models import local_model_path
@@ -136,7 +136,7 @@ class JobRun:
         """Once the job has ended (however), delete the checkpoint folders no row points at:
         uploads of attempts that died or were fenced out."""
         try:
-            sweep_checkpoints(self.ctx, self.claim.tenant_id, self.claim.job_id)
+            sweep_unreferenced(self.ctx, self.claim.tenant_id, self.claim.job_id)
         except Exception:
             log.warning("job %s: checkpoint sweep failed", self.claim.job_id, exc_info=True)
 

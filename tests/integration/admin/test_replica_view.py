@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from common.internal_auth import sign
+from common.internal_auth import REPLICAS_REQUEST, sign
 from tests.conftest import RunningApi, TenantCreds, free_port, start_server
 from tests.integration.admin.conftest import Seeder, login, shot
 from tests.integration.conftest import TrainingStack
@@ -89,11 +89,18 @@ def test_overview_shows_the_replica_and_the_adapter_loaded_on_it(  # type: ignor
     unsigned = httpx.get(f"{real_gateway.url}/internal/replicas")
     assert unsigned.status_code == 404 and name not in unsigned.text
     forged = httpx.get(
-        f"{real_gateway.url}/internal/replicas", headers=sign("another-secret-key-xxxxxxx", b"")
+        f"{real_gateway.url}/internal/replicas",
+        headers=sign("another-secret-key-xxxxxxx", REPLICAS_REQUEST),
     )
     assert forged.status_code == 404
-    signed = httpx.get(
+    # A signature of another request (a body, as a parity check signs) does not open it.
+    other = httpx.get(
         f"{real_gateway.url}/internal/replicas", headers=sign(real_gateway.settings.secret_key, b"")
+    )
+    assert other.status_code == 404
+    signed = httpx.get(
+        f"{real_gateway.url}/internal/replicas",
+        headers=sign(real_gateway.settings.secret_key, REPLICAS_REQUEST),
     )
     assert name in signed.json()["replicas"][vllm_server.url]["adapters"]
 

@@ -16,7 +16,13 @@ from models_db.models import FineTuningJob, JobCheckpoint
 from models_db.session import transaction
 from tests.integration.workers.conftest import Jobs
 from workers.jobs import publish, runner
-from workers.jobs.cleanup import OWNER_FILE, checkpoints_root, sweep_checkpoints, sweep_scratch
+from workers.jobs.cleanup import (
+    OWNER_FILE,
+    adapters_root,
+    checkpoints_root,
+    sweep_scratch,
+    sweep_unreferenced,
+)
 
 
 def test_a_checkpoint_that_cannot_be_uploaded_is_skipped(
@@ -281,8 +287,11 @@ def test_an_ended_job_keeps_only_the_checkpoint_folders_its_rows_point_at(jobs: 
         storage.put_bytes(f"{root}/{folder}/adapter_model.safetensors", b"half")
     other_job = f"{checkpoints_root(jobs.tenant_id, 'ftjob-other')}/step-2-a0/x"
     storage.put_bytes(other_job, b"not this job's")
+    # And an adapter upload of an attempt that died while publishing.
+    adapters = adapters_root(jobs.tenant_id, job_id)
+    storage.put_bytes(f"{adapters}/a0/adapter_model.safetensors", b"half")
 
-    assert sweep_checkpoints(jobs.ctx, jobs.tenant_id, job_id) == 0  # not ended yet
+    assert sweep_unreferenced(jobs.ctx, jobs.tenant_id, job_id) == 0  # not ended yet
     assert "step-2-a0" in _folders(jobs, job_id)
     jobs.run(max_jobs=1)
 
@@ -291,6 +300,10 @@ def test_an_ended_job_keeps_only_the_checkpoint_folders_its_rows_point_at(jobs: 
     assert _folders(jobs, job_id) == {prefix.rsplit("/", 1)[1] for _, prefix in recorded}
     assert all(storage.exists(f"{prefix}/manifest.json") for _, prefix in recorded)
     assert storage.exists(other_job)
+    (published,) = jobs.models(job_id)
+    assert {key.rsplit("/", 1)[0] for key in storage.list_keys(f"{adapters}/")} == {
+        published.storage_prefix
+    }
 
 
 def test_a_running_attempts_scratch_folder_survives_a_worker_starting_meanwhile(

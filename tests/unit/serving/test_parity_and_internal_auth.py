@@ -84,3 +84,24 @@ def test_refused_adapter_is_a_mismatch_and_outage_is_a_skip(
 
     _gateway(monkeypatch, unreachable)
     assert parity.check_parity("http://gw", SECRET, {}, SAMPLE).ok is None
+
+
+def test_what_the_tenant_reads_of_a_failed_check_names_no_internal_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The detail goes into the job's events: the gateway's address and a proxy's page stay in
+    the worker's log; the gateway's own error message (written for tenants) is kept."""
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connect to gw.internal.svc:8001 refused", request=request)
+
+    _gateway(monkeypatch, unreachable)
+    result = parity.check_parity("http://gw.internal.svc:8001", SECRET, {}, SAMPLE)
+    assert result.detail == "gateway unreachable (ConnectError)"
+    page = "<html>502 Bad Gateway from lb-7.internal.svc</html>"
+    _gateway(monkeypatch, lambda _r: httpx.Response(502, text=page))
+    assert parity.check_parity("http://gw", SECRET, {}, SAMPLE).detail == "gateway answered 502"
+    down = {"error": {"message": "No replica is serving tiny-llama.", "code": "model_unavailable"}}
+    _gateway(monkeypatch, lambda _r: httpx.Response(503, json=down))
+    detail = parity.check_parity("http://gw", SECRET, {}, SAMPLE).detail
+    assert detail == "gateway answered 503: No replica is serving tiny-llama."

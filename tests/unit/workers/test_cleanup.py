@@ -1,5 +1,6 @@
 """Scratch folders of training attempts: a worker starting deletes those of dead processes,
-and nothing that a live process or another host may be using, or that is not an attempt's."""
+and nothing that a live process or another host may still be using, or that is not an
+attempt's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from workers.jobs.cleanup import (
     ORPHAN_AFTER_SECONDS,
+    OTHER_HOST_AFTER_SECONDS,
     OWNER_FILE,
     _start_time,
     claim_scratch,
@@ -80,13 +82,19 @@ def test_a_pid_now_used_by_another_process_does_not_keep_a_folder(tmp_path: Path
     assert sweep_scratch(tmp_path) == [folder]
 
 
-def test_a_folder_owned_on_another_host_is_kept(tmp_path: Path, dead_pid: int) -> None:
-    folder = _attempt(tmp_path)
-    _own(folder, dead_pid, host="another-host")
-    _age(folder, 2 * ORPHAN_AFTER_SECONDS)
+def test_a_folder_owned_on_another_host_is_kept_while_it_may_be_in_use(
+    tmp_path: Path, dead_pid: int
+) -> None:
+    recent = _attempt(tmp_path, "attempt-2")
+    _own(recent, dead_pid, host="another-host")
+    _age(recent, 2 * ORPHAN_AFTER_SECONDS)
+    # A container recreated under another name left this one on a volume that was kept.
+    stale = _attempt(tmp_path, "attempt-1")
+    _own(stale, dead_pid, host="a-container-long-gone")
+    _age(stale, OTHER_HOST_AFTER_SECONDS + 60)
 
-    assert sweep_scratch(tmp_path) == []
-    assert folder.exists()
+    assert sweep_scratch(tmp_path) == [stale]
+    assert recent.exists() and not stale.exists()
 
 
 def test_a_folder_without_an_owner_is_deleted_only_once_it_is_old(tmp_path: Path) -> None:
