@@ -24,7 +24,7 @@ from api.admin.web import (
     render,
 )
 from api.deps import SessionDep
-from api.errors import NotFound, PermissionDenied, RateLimited
+from api.errors import BadRequest, NotFound, PermissionDenied, RateLimited
 from models_db.base import now_ts
 
 AdminDep = Annotated[AdminState, Depends(admin_state)]
@@ -107,6 +107,12 @@ def current_viewer(request: Request, session: SessionDep, admin: AdminDep) -> Vi
 ViewerDep = Annotated[Viewer, Depends(current_viewer)]
 
 
+def _refuse_nul(*values: object) -> None:
+    # No database column can store NUL: a 400 here, not a 500 from the query.
+    if any(isinstance(v, str) and "\x00" in v for v in values):
+        raise BadRequest("Form fields cannot contain NUL characters.")
+
+
 async def checked_form(request: Request, viewer: ViewerDep, admin: AdminDep) -> Viewer:
     """Every POST carries the session's CSRF token in the form field ``csrf_token``."""
     form = await request.form()
@@ -116,6 +122,7 @@ async def checked_form(request: Request, viewer: ViewerDep, admin: AdminDep) -> 
             "The form's CSRF token is missing or invalid; reload the page and try again.",
             code="csrf_failed",
         )
+    _refuse_nul(*form.values())
     return viewer
 
 
@@ -221,9 +228,13 @@ def login(
     binding = request.cookies.get(LOGIN_COOKIE)
     if binding is None or not admin.signer.csrf_ok("login:" + binding, csrf_token):
         raise PermissionDenied("The login form expired; reload it and try again.")
+    _refuse_nul(email)
+    # The client address is uvicorn's: behind a proxy, --forwarded-allow-ips must name only
+    # the proxy, or a forged X-Forwarded-For would pick a fresh address per guess.
     client = request.client.host if request.client else "unknown"
     email = email.strip().lower()
-    wait = admin.throttle.retry_after(email, client)
+    # Counted before the (slow) password check, so parallel guesses cannot all slip in.
+    wait = admin.throttle.attempt(email, client)
     if wait:
         raise RateLimited(
             f"Too many failed logins; try again in {wait} seconds.",
@@ -231,7 +242,6 @@ def login(
         )
     user = service.check_login(session, email, password) if email and password else None
     if user is None:
-        admin.throttle.failed(email, client)
         return _login_page(
             request,
             admin,

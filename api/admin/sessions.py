@@ -48,6 +48,12 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def _same(presented: str, expected: str) -> bool:
+    # As bytes: compare_digest raises TypeError (a 500) on a str that is not ASCII, and a
+    # cookie or form field is whatever the client sent.
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
 def new_nonce() -> str:
     return secrets.token_urlsafe(18)
 
@@ -105,7 +111,7 @@ class SessionSigner:
 
     def verify(self, cookie: str, password_hash: str) -> bool:
         payload, _, signature = cookie.rpartition(".")
-        return hmac.compare_digest(signature, self._sign(payload, password_hash))
+        return _same(signature, self._sign(payload, password_hash))
 
     def csrf_token(self, binding: str) -> str:
         """The form token of a session (its nonce) or of a login form (the pre-login cookie)."""
@@ -114,7 +120,7 @@ class SessionSigner:
     def csrf_ok(self, binding: str | None, presented: str | None) -> bool:
         if not binding or not presented:
             return False
-        return hmac.compare_digest(presented, self.csrf_token(binding))
+        return _same(presented, self.csrf_token(binding))
 
 
 class LoginThrottle:
@@ -135,6 +141,27 @@ class LoginThrottle:
             found.popleft()
         return found
 
+    def attempt(self, email: str, client: str) -> int:
+        """Count a login attempt before its password is checked; the seconds to wait (and
+        nothing counted) when the limit is reached, else 0. Checking and counting under one
+        lock is what stops a burst of parallel guesses from all passing the check while the
+        first ones are still being verified."""
+        now = time.monotonic()
+        key = (email.lower(), client)
+        with self._lock:
+            recent = self._recent(key, now)
+            if len(recent) >= self.attempts:
+                return max(1, int(recent[0] + self.window - now) + 1)
+            self._record(key, recent, now)
+            return 0
+
+    def _record(self, key: tuple[str, str], recent: deque[float], now: float) -> None:
+        if key not in self._failures and len(self._failures) >= self._max_keys:
+            # Forget keys whose failures have all aged out of the window.
+            self._failures = {k: v for k, v in self._failures.items() if self._recent(k, now)}
+        recent.append(now)
+        self._failures[key] = recent
+
     def retry_after(self, email: str, client: str) -> int:
         """Seconds until another attempt is allowed; 0 when one is allowed now."""
         now = time.monotonic()
@@ -148,12 +175,7 @@ class LoginThrottle:
         now = time.monotonic()
         key = (email.lower(), client)
         with self._lock:
-            if key not in self._failures and len(self._failures) >= self._max_keys:
-                # Forget keys whose failures have all aged out of the window.
-                self._failures = {k: v for k, v in self._failures.items() if self._recent(k, now)}
-            recent = self._recent(key, now)
-            recent.append(now)
-            self._failures[key] = recent
+            self._record(key, self._recent(key, now), now)
 
     def succeeded(self, email: str, client: str) -> None:
         with self._lock:

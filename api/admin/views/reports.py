@@ -48,7 +48,7 @@ def audit(
     viewer: ViewerDep,
     session: SessionDep,
     action: Annotated[str, Query(max_length=100)] = "",
-    before: int | None = None,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,  # a BIGINT id
 ) -> HTMLResponse:
     """Who did what, newest first."""
     repo = viewer.repository(session)

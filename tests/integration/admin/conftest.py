@@ -7,9 +7,11 @@ Screenshots of every page go to artifacts/admin/ (ignored by git) for review.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,29 @@ def get_with_cookie(base_url: str, path: str, cookie: dict) -> httpx.Response:  
     """A request from another client holding a copy of the cookie (no redirects followed)."""
     with httpx.Client(base_url=base_url, cookies={cookie["name"]: cookie["value"]}) as client:
         return client.get(path, follow_redirects=False)
+
+
+def form_token(client: httpx.Client, path: str = "/admin") -> str:
+    """The CSRF token in the forms of a page (the login form's, on /admin/login)."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text)
+    assert found is not None, path
+    return found.group(1)
+
+
+@contextmanager
+def http_client(base_url: str, email: str | None = None) -> Iterator[httpx.Client]:
+    """A plain HTTP client (no browser, no redirects followed), logged in as ``email`` when
+    one is given."""
+    with httpx.Client(base_url=base_url, follow_redirects=False, timeout=60) as client:
+        if email is not None:
+            form = {
+                "email": email,
+                "password": PASSWORD,
+                "csrf_token": form_token(client, "/admin/login"),
+            }
+            answer = client.post("/admin/login", data=form)
+            assert answer.status_code == 303, answer.text
+        yield client
 
 
 def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]

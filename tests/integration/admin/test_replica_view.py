@@ -127,3 +127,8 @@ def test_overview_shows_the_replica_and_the_adapter_loaded_on_it(  # type: ignor
     expect(tenant_page.locator("h1")).to_have_text("Overview")
     expect(tenant_page.locator("#replicas")).to_have_count(0)
     expect(tenant_page.locator("body")).not_to_contain_text(re.compile("vLLM replicas"))
+    # Nor do its models: their adapter is loaded, but on which replica is the platform's.
+    tenant_page.click("nav >> text=Models")
+    tenant_row = tenant_page.locator("#tuned-models tr", has_text=name)
+    expect(tenant_row.locator(".loaded-on")).to_have_text("loaded")
+    expect(tenant_page.locator("body")).not_to_contain_text(vllm_server.url)
