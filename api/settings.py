@@ -10,6 +10,15 @@ from common.settings import CommonSettings
 class APISettings(CommonSettings):
     host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     port: int = Field(default=8000, description="Port the API listens on.")
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="Comma-separated addresses (or '*') whose X-Forwarded-For and "
+        "X-Forwarded-Proto the API believes: the proxy in front of it. The dashboard's login "
+        "throttle counts failures per client address and its cookies take the Secure flag "
+        "from the scheme, so behind a proxy name it here; '*' only where nothing but that "
+        "proxy reaches the API and the proxy sets X-Forwarded-For itself instead of "
+        "appending to the client's.",
+    )
     max_file_bytes: int = Field(
         default=512 * 1024 * 1024,
         description="Largest dataset file accepted by POST /v1/files, in bytes.",

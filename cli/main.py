@@ -48,6 +48,8 @@ def api(host: str | None, port: int | None) -> None:
         create_app(settings),
         host=host or settings.host,
         port=port or settings.port,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,
         access_log=False,
     )

@@ -40,6 +40,7 @@ WIRED_SETTINGS = {
     "LORAPLEX_PORT",
     "LORAPLEX_WORKER_ID",
     "LORAPLEX_WORK_DIR",
+    "LORAPLEX_FORWARDED_ALLOW_IPS",  # compose: only nginx reaches the API
 }
 ADAPTER_CACHE_ENV = "LORAPLEX_ADAPTER_CACHE_DIR"
 
@@ -272,6 +273,23 @@ def test_nginx_routes_inference_to_the_gateway_and_the_rest_to_the_api() -> None
     assert "proxy_buffering off;" in inference.group(1)
     rest = re.search(r"location / \{(.*?)\}", conf, re.S)
     assert rest and "proxy_pass http://api;" in rest.group(1)
+
+
+def test_the_api_believes_the_client_address_only_from_its_proxy(
+    compose_config: dict[str, Any], manifests: list[dict[str, Any]]
+) -> None:
+    """The login throttle keys on the client's address. nginx, the edge, must replace a
+    client's X-Forwarded-For (appended to, a forged one would give each guess a new address),
+    and the API must believe nginx (or every visitor shares nginx's address, and five wrong
+    passwords lock an admin out for everyone)."""
+    conf = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in conf
+    assert "$proxy_add_x_forwarded_for" not in conf
+    api = compose_config["services"]["api"]
+    assert api["environment"]["LORAPLEX_FORWARDED_ALLOW_IPS"] == "*"
+    assert "ports" not in api  # reachable through nginx only
+    config = _find(manifests, "ConfigMap", "loraplex-config")["data"]
+    assert config["LORAPLEX_FORWARDED_ALLOW_IPS"] == "*"
 
 
 DOCKERFILES = sorted(
