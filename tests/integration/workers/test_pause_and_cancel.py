@@ -131,8 +131,8 @@ def test_a_cancel_as_the_training_process_ends_cancels_the_job(
             if ending == "paused":
                 jobs.request(job_id, "pause")
 
-        def wait(self) -> int:
-            code = super().wait()
+        def wait(self, exit_grace: float = 60.0) -> int:
+            code = super().wait(exit_grace)
             jobs.request(job_id, "cancel")  # the child has exited, the attempt is not over
             return code
 
