@@ -150,10 +150,16 @@ class LoginThrottle:
         key = (email.lower(), client)
         with self._lock:
             recent = self._recent(key, now)
-            if len(recent) >= self.attempts:
-                return max(1, int(recent[0] + self.window - now) + 1)
-            self._record(key, recent, now)
+            wait = self._wait(recent, now)
+            if not wait:
+                self._record(key, recent, now)
+            return wait
+
+    def _wait(self, recent: deque[float], now: float) -> int:
+        """Seconds until the oldest counted failure leaves the window; 0 below the limit."""
+        if len(recent) < self.attempts:
             return 0
+        return max(1, int(recent[0] + self.window - now) + 1)
 
     def _record(self, key: tuple[str, str], recent: deque[float], now: float) -> None:
         if key not in self._failures and len(self._failures) >= self._max_keys:
@@ -166,10 +172,7 @@ class LoginThrottle:
         """Seconds until another attempt is allowed; 0 when one is allowed now."""
         now = time.monotonic()
         with self._lock:
-            recent = self._recent((email.lower(), client), now)
-            if len(recent) < self.attempts:
-                return 0
-            return max(1, int(recent[0] + self.window - now) + 1)
+            return self._wait(self._recent((email.lower(), client), now), now)
 
     def failed(self, email: str, client: str) -> None:
         now = time.monotonic()

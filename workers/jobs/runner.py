@@ -94,6 +94,11 @@ class _Outcome:
     total_steps: int | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def reported_result(self) -> bool:
+        """The child said how it ended (``done`` or ``paused``)."""
+        return self.done is not None or self.paused_step is not None
+
 
 class JobRun:
     def __init__(self, ctx: WorkerContext, claim: repo.Claim) -> None:
@@ -374,8 +379,7 @@ class JobRun:
     def _ended_but_still_running(self, proc: TrainingProcess, outcome: _Outcome) -> bool:
         """Whether the child reported its end (``done``/``paused``) but has gone on running,
         silent, for ``EXIT_GRACE_SECONDS``: it is then stopped and its result used."""
-        ended = outcome.done is not None or outcome.paused_step is not None
-        return ended and proc.silent_for() >= EXIT_GRACE_SECONDS
+        return outcome.reported_result and proc.silent_for() >= EXIT_GRACE_SECONDS
 
     def _log_exit_after_end(self, code: int) -> None:
         if code != 0:
@@ -391,7 +395,7 @@ class JobRun:
         ``started`` the limit covers loading the model. A pause needs no exception: the child
         then writes its checkpoint and exits, reporting as it goes."""
         limit = self.settings.stall_timeout_seconds
-        if outcome.done is not None or outcome.paused_step is not None:
+        if outcome.reported_result:
             return False  # its result is in: see _ended_but_still_running
         if limit <= 0 or proc.silent_for() < limit:
             return False
