@@ -348,6 +348,7 @@ def floor_app(upstream: str) -> Any:
         upstream_request = client.build_request(
             "POST", request.url.path, content=body, headers=headers
         )
+        started = time.perf_counter()
         response = await client.send(upstream_request, stream=True)
         out = {k: v for k, v in response.headers.items() if k.lower() not in hop}
         if response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -361,6 +362,8 @@ def floor_app(upstream: str) -> Any:
             content = await response.aread()
         finally:
             await response.aclose()
+        # The same account of the upstream's time as the gateway gives (bench/gateway.py).
+        out["server-timing"] = f"upstream;dur={(time.perf_counter() - started) * 1000:.3f}"
         return Response(content, status_code=response.status_code, headers=out)
 
     async def healthz(_request: Request) -> Response:
@@ -401,6 +404,9 @@ class Result:
     first: float  # first body chunk (streams) or the whole body (others)
     end: float
     body: bytes
+    # The proxy's own account of the time its upstream took (``Server-Timing: upstream;dur=``),
+    # when it gave one: the rest of the latency was spent outside the model.
+    upstream_ms: float | None = None
 
 
 class Connection:
@@ -484,7 +490,18 @@ class Connection:
         end = time.perf_counter()
         if headers.get("connection", "").lower() == "close":
             self.close()
-        return Result(status, start, first or end, end, b"".join(chunks))
+        return Result(status, start, first or end, end, b"".join(chunks), _upstream_ms(headers))
+
+
+def _upstream_ms(headers: dict[str, str]) -> float | None:
+    for metric in headers.get("server-timing", "").split(","):
+        name, _, params = metric.strip().partition(";")
+        if name == "upstream":
+            for param in params.split(";"):
+                key, _, value = param.strip().partition("=")
+                if key == "dur":
+                    return float(value)
+    return None
 
 
 def build_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:

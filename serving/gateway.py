@@ -378,7 +378,7 @@ class Gateway:
                 self.placer.forget_on(replica, call.model.name)
                 reloaded = True
                 continue
-            return await self._respond(call, replica, upstream, release, metered=metered)
+            return await self._respond(call, replica, upstream, release, started, metered=metered)
 
     def _hold(self, replica: Replica, adapter: str) -> Callable[[], None]:
         """Count a request in flight on ``replica`` (and its adapter); returns the release."""
@@ -446,6 +446,7 @@ class Gateway:
         replica: Replica,
         upstream: UpstreamResponse,
         release: Callable[[], None],
+        started: float,
         *,
         metered: bool = True,
     ) -> Response:
@@ -468,10 +469,15 @@ class Gateway:
             finally:
                 await upstream.aclose()
                 release()
+            # The replica's share of the answer (request written to body read), so a caller
+            # or a benchmark can tell the gateway's own time from the model's (W3C
+            # Server-Timing; a stream's headers leave before its body, so only JSON answers).
+            upstream_ms = (time.perf_counter() - started) * 1000
             if upstream.status_code != 200:
                 content, headers = _as_openai_error(upstream.status_code, content, headers)
             elif metered:
                 self._count(call, _usage_of(content))
+            headers["server-timing"] = f"upstream;dur={upstream_ms:.3f}"
             return Response(content, status_code=upstream.status_code, headers=headers)
 
         return RelayResponse(

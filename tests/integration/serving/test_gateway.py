@@ -57,10 +57,14 @@ def test_base_model_through_the_gateway_equals_vllm_direct(
     direct = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="none", max_retries=0)
     for prompt in PROMPTS[:2]:
         assert _chat(via_gateway, "tiny-llama", prompt) == _chat(direct, "tiny-llama", prompt)
-    response = via_gateway.completions.create(
+    raw = via_gateway.completions.with_raw_response.create(
         model="tiny-llama", prompt="Once upon a time", max_tokens=5, temperature=0
     )
+    response = raw.parse()
     assert response.usage is not None and response.usage.completion_tokens == 5
+    # The replica's share of the answer, for callers telling the gateway's time from vLLM's.
+    name, _, duration = raw.headers["server-timing"].partition(";dur=")
+    assert name == "upstream" and float(duration) > 0
 
 
 def test_adapter_streams_the_same_text_and_records_usage(

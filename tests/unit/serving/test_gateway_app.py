@@ -239,14 +239,17 @@ def test_a_model_name_that_names_nothing_is_a_404_without_a_cache_entry() -> Non
     asyncio.run(run())
 
 
-async def _forwarded(app: GatewayApp, body: bytes) -> tuple[list[Message], list[bytes]]:
-    """Send ``body`` through ``app`` to a scripted replica; returns what the caller got and the
-    bodies the replica received."""
+async def _forwarded(
+    app: GatewayApp, body: bytes, thinking: float = 0.0
+) -> tuple[list[Message], list[bytes]]:
+    """Send ``body`` through ``app`` to a scripted replica that takes ``thinking`` seconds to
+    answer; returns what the caller got and the bodies the replica received."""
     received: list[bytes] = []
 
     async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, body = await read_request(reader)
         received.append(body)
+        await asyncio.sleep(thinking)
         answer = b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
         await writer.drain()
@@ -276,6 +279,16 @@ def test_a_request_without_max_tokens_is_capped_at_the_gateway_limit(stream: boo
     _, received = asyncio.run(_forwarded(app, body))
     assert json.loads(received[0])["max_tokens"] == 7
     assert "max_completion_tokens" not in json.loads(received[0])
+
+
+def test_a_json_answer_says_how_long_the_replica_took_in_server_timing() -> None:
+    app, _ = _app()
+    body = json.dumps({"model": "m", "messages": [{"role": "user"}], "max_tokens": 1}).encode()
+    sent, _ = asyncio.run(_forwarded(app, body, thinking=0.2))
+    headers = dict(sent[0]["headers"])
+    name, _, duration = headers[b"server-timing"].decode().partition(";dur=")
+    assert name == "upstream"
+    assert 200 <= float(duration) < 5000  # at least the replica's own time
 
 
 def test_each_tenant_s_prompts_get_their_own_prefix_cache_salt() -> None:
