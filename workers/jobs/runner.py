@@ -13,6 +13,8 @@ import os
 import queue
 import shutil
 import signal
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,15 @@ class JobRun:
         self.settings = ctx.settings
         self.workdir = self.settings.scratch / claim.job_id / f"attempt-{claim.attempt}"
         self._pending_events: list[dict[str, Any]] = []
+        # Folders of this machine that failure messages must not show the tenant (found by
+        # their exact text, so that a name with a space in it is redacted whole).
+        self._private_folders: set[str] = {
+            str(self.settings.data_dir),
+            str(self.settings.scratch),
+            sys.prefix,
+            sys.base_prefix,
+            tempfile.gettempdir(),
+        }
         # Extends the lease from a thread while this one downloads, uploads or waits.
         self.lease = LeaseKeeper(
             ctx.session_factory,
@@ -225,6 +236,8 @@ class JobRun:
                 else None
             ),
         )
+        if Path(spec.base_model_path).is_absolute():  # not a hub id
+            self._private_folders.add(spec.base_model_path)
         spec_path = self.workdir / "spec.json"
         spec_path.write_text(spec.to_json())
         return spec_path
@@ -374,7 +387,7 @@ class JobRun:
             if outcome.error is None and (tail := proc.stderr_tail()):
                 reason += f": {tail.splitlines()[-1][:500]}"
             # The tenant reads this: the worker's folders are replaced, the error is kept.
-            self._attempt_failed(redact_paths(reason, self.workdir))
+            self._attempt_failed(redact_paths(reason, self.workdir, self._private_folders))
 
     def _ended_but_still_running(self, proc: TrainingProcess, outcome: _Outcome) -> bool:
         """Whether the child reported its end (``done``/``paused``) but has gone on running,

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,26 +111,40 @@ class TrainingProcess:
 
 
 # An absolute path: a "/" at the start or after a space, quote, bracket, "=" or ",", not after a
-# word character ("tokens/s") or a ":" ("https://host/…"); "file://" URLs count as paths. It ends
-# at whitespace, a quote, a bracket or ",;:" (so "/x.py:12" keeps its line number).
-_ABSOLUTE_PATH = re.compile(r"""(?<![^\s'"`(\[{=,])(?:file://)?/[^\s'"`()\[\]{}<>,;:]+""")
+# word character ("tokens/s") or a ":" ("https://host/…"); "file://" URLs and home-relative
+# paths ("~/…", "~user/…") count as paths. It ends at whitespace, a quote, a bracket or ",;:"
+# (so "/x.py:12" keeps its line number).
+_PATH_START = r"""(?<![^\s'"`(\[{=,])"""
+_PATH_TAIL = r"""[^\s'"`()\[\]{}<>,;:]"""
+_ABSOLUTE_PATH = re.compile(_PATH_START + r"(?:file://|~[\w.-]*(?=/))?/" + _PATH_TAIL + "+")
 PATH_PLACEHOLDER = "<path>"
 
 
-def redact_paths(text: str, workdir: Path) -> str:
+def redact_paths(text: str, workdir: Path, folders: Iterable[Path | str] = ()) -> str:
     """``text`` with every absolute path replaced: one inside ``workdir`` by its path relative
     to it, any other (scratch and cache folders, site-packages, the base model's folder) by
     ``<path>``. Failure messages of the training child reach the tenant; the worker's own
-    folders are none of the tenant's business."""
+    folders are none of the tenant's business.
+
+    ``workdir`` and ``folders`` are also found by their exact text first, because a folder
+    name with a space in it ("/srv/My Models/…") ends the generic pattern early and would leave
+    the rest of the path in the message."""
     root = str(workdir).rstrip("/")
+    known = {str(f).rstrip("/") for f in folders if str(f).startswith("/") and str(f) != "/"}
+    literal = re.compile(
+        _PATH_START
+        + "(?:file://)?(?:"
+        + "|".join(re.escape(f) for f in sorted(known | {root}, key=len, reverse=True))
+        + f")(?:/{_PATH_TAIL}*)?(?!{_PATH_TAIL})"
+    )
+    text = literal.sub(lambda m: _replace_path(m.group(), root), text)
+    return _ABSOLUTE_PATH.sub(lambda m: _replace_path(m.group(), root), text)
 
-    def replace(match: re.Match[str]) -> str:
-        found = match.group()
-        path = found.rstrip(".")  # a sentence's full stop is not part of the path
-        rest = found[len(path) :]
-        path = path.removeprefix("file://")
-        if path.startswith(root + "/") and len(path) > len(root) + 1:
-            return path[len(root) + 1 :] + rest
-        return PATH_PLACEHOLDER + rest
 
-    return _ABSOLUTE_PATH.sub(replace, text)
+def _replace_path(found: str, root: str) -> str:
+    path = found.rstrip(".")  # a sentence's full stop is not part of the path
+    rest = found[len(path) :]
+    path = path.removeprefix("file://")
+    if path.startswith(root + "/") and len(path) > len(root) + 1:
+        return path[len(root) + 1 :] + rest
+    return PATH_PLACEHOLDER + rest

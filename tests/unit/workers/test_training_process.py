@@ -84,3 +84,23 @@ WORKDIR = Path("/srv/loraplex/work/ftjob-abc/attempt-2")
 )
 def test_absolute_paths_are_kept_out_of_failure_messages(text: str, shown: str) -> None:
     assert redact_paths(text, WORKDIR) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # Folders with a space in their name are found whole, not cut at the space.
+        ("no file '/srv/My Work/ftjob-abc/attempt-2/resume/x.bin'", "no file 'resume/x.bin'"),
+        ("/data/My Models/tiny/config.json is missing", "<path> is missing"),
+        ("cannot read file:///data/My Models/tiny.", "cannot read <path>."),
+        ("/data/My Models", "<path>"),
+        # Home-relative paths.
+        ("see ~/.cache/huggingface/x and ~svc/lib/y", "see <path> and <path>"),
+        # A known folder's text inside a URL or a longer name is not a path of ours.
+        ("https://host/data/My Models/x", "https://host/data/My Models/x"),
+        ("/data/My Modelsx/y z", "<path> Modelsx/y z"),
+    ],
+)
+def test_known_folders_are_redacted_whole(text: str, shown: str) -> None:
+    workdir = Path("/srv/My Work/ftjob-abc/attempt-2")
+    assert redact_paths(text, workdir, ["/data/My Models", "relative/ignored"]) == shown
