@@ -124,7 +124,8 @@ class SessionSigner:
 
 
 class LoginThrottle:
-    """At most ``attempts`` failed logins per (email, client address) within ``window``."""
+    """At most ``attempts`` logins per (email, client address) within ``window``; a login that
+    succeeds clears its key, so in effect these are the failed ones."""
 
     def __init__(self, attempts: int, window: float, max_keys: int = 10_000) -> None:
         self.attempts = attempts
@@ -167,18 +168,6 @@ class LoginThrottle:
             self._failures = {k: v for k, v in self._failures.items() if self._recent(k, now)}
         recent.append(now)
         self._failures[key] = recent
-
-    def retry_after(self, email: str, client: str) -> int:
-        """Seconds until another attempt is allowed; 0 when one is allowed now."""
-        now = time.monotonic()
-        with self._lock:
-            return self._wait(self._recent((email.lower(), client), now), now)
-
-    def failed(self, email: str, client: str) -> None:
-        now = time.monotonic()
-        key = (email.lower(), client)
-        with self._lock:
-            self._record(key, self._recent(key, now), now)
 
     def succeeded(self, email: str, client: str) -> None:
         with self._lock:

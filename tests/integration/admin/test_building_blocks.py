@@ -41,15 +41,15 @@ def test_passwords_are_argon2() -> None:
     assert not verify_password("not a hash", "a long password")
 
 
-def test_throttle_counts_failures_per_email_and_address() -> None:
+def test_throttle_counts_attempts_per_email_and_address() -> None:
     throttle = LoginThrottle(attempts=2, window=60)
-    throttle.failed("A@example.com", "1.2.3.4")
-    assert throttle.retry_after("a@example.com", "1.2.3.4") == 0
-    throttle.failed("a@example.com", "1.2.3.4")
-    assert throttle.retry_after("a@example.com", "1.2.3.4") > 0
-    assert throttle.retry_after("a@example.com", "5.6.7.8") == 0
+    assert throttle.attempt("A@example.com", "1.2.3.4") == 0
+    assert throttle.attempt("a@example.com", "1.2.3.4") == 0
+    assert 0 < throttle.attempt("a@example.com", "1.2.3.4") <= 61  # the third waits
+    assert throttle.attempt("a@example.com", "5.6.7.8") == 0  # another address
+    assert throttle.attempt("b@example.com", "1.2.3.4") == 0  # another email
     throttle.succeeded("a@example.com", "1.2.3.4")
-    assert throttle.retry_after("a@example.com", "1.2.3.4") == 0
+    assert throttle.attempt("a@example.com", "1.2.3.4") == 0
 
 
 def _event(data: dict[str, object]) -> JobEvent:
