@@ -36,7 +36,7 @@ class APISettings(CommonSettings):
     dispatcher_enabled: bool = Field(
         default=True,
         description="Run the outbox dispatcher inside the API process (publishes queued work "
-        "to the broker). Turn off when a separate `loraplex dispatcher` runs.",
+        "to the broker). Turn off to leave publishing to the workers, which run one too.",
     )
     dispatcher_poll_seconds: float = Field(
         default=1.0, description="How often the dispatcher looks for unpublished outbox rows."

@@ -159,7 +159,9 @@ def up(port: int) -> None:
 @main.command()
 @click.option("--model", "model_name", required=True, help="A registered base model's name.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8001, type=int, show_default=True)
+@click.option(
+    "--port", default=8100, type=int, show_default=True, help="Port (not the gateway's 8001)."
+)
 @click.option("--max-loras", default=2, type=int, show_default=True, help="Adapters per batch.")
 @click.option(
     "--max-cpu-loras", default=4, type=int, show_default=True, help="Adapters kept loaded."

@@ -69,8 +69,14 @@ class CommonSettings(BaseSettings):
                 "LORAPLEX_SECRET_KEY must be set to a random value outside embedded mode "
                 "(the development default is refused with a non-SQLite database)."
             )
-        if len(self.secret_key) < 16:
-            raise ValueError("LORAPLEX_SECRET_KEY must be at least 16 characters long.")
+        # 32 characters of `openssl rand -hex 32` output carry 128 bits; the development
+        # default (embedded mode only) is shorter.
+        minimum = 16 if self.embedded else 32
+        if len(self.secret_key) < minimum:
+            raise ValueError(
+                f"LORAPLEX_SECRET_KEY must be at least {minimum} characters long"
+                + (" outside embedded mode." if minimum == 32 else ".")
+            )
         return self
 
     @property

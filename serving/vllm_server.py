@@ -70,7 +70,7 @@ class VLLMLaunch:
     model_dir: str
     served_model_name: str
     host: str = "127.0.0.1"
-    port: int = 8001
+    port: int = 8100
     max_lora_rank: int = 16
     max_loras: int = 2
     max_cpu_loras: int = 4

@@ -50,7 +50,9 @@ class SupervisedHyperparameters(StrictModel):
         default="none", description="Quantize the frozen base (QLoRA); needs CUDA workers."
     )
     max_seq_len: Auto | Annotated[int, Field(ge=64, le=131072)] = Field(
-        default="auto", description="Longest tokenized example (auto: the base model's context)."
+        default="auto",
+        description="Longest tokenized example (auto: the smaller of the base model's context "
+        "and 2048).",
     )
     packing: bool = Field(
         default=True, description="Pack short examples into one sequence (no cross-attention)."

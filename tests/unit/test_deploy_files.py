@@ -65,7 +65,7 @@ def compose_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (the repository's own `.env`, if any, is never read or written)."""
     folder = tmp_path_factory.mktemp("compose")
     shutil.copy(COMPOSE_FILE, folder / "docker-compose.yml")
-    shutil.copy(ENV_EXAMPLE, folder / ".env")
+    (folder / ".env").write_text(_filled_in(ENV_EXAMPLE.read_text()))
     (folder / "deploy").symlink_to(ROOT / "deploy", target_is_directory=True)
     return folder
 
@@ -90,10 +90,38 @@ def test_compose_config_is_valid(compose_dir: Path, profiles: list[str]) -> None
     assert result.returncode == 0, result.stderr
 
 
+def _filled_in(env_example: str) -> str:
+    """``.env.example`` with every secret it leaves empty filled in, as an operator would."""
+    lines = env_example.splitlines()
+    return "\n".join(f"{line}{'s' * 40}" if line in _SECRETS else line for line in lines) + "\n"
+
+
+_SECRETS = {
+    f"{name}="
+    for name in (
+        "LORAPLEX_SECRET_KEY",
+        "POSTGRES_PASSWORD",
+        "REDIS_PASSWORD",
+        "AWS_SECRET_ACCESS_KEY",
+    )
+}
+
+
+def test_the_example_env_has_no_usable_secret_and_compose_refuses_it(tmp_path: Path) -> None:
+    """Copied as it is, .env.example does not start: a placeholder secret cannot go live."""
+    example = ENV_EXAMPLE.read_text().splitlines()
+    assert set(example) >= _SECRETS
+    shutil.copy(COMPOSE_FILE, tmp_path / "docker-compose.yml")
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
+    result = _compose(tmp_path, "config", "-q")
+    assert result.returncode != 0
+    assert "LORAPLEX_SECRET_KEY" in result.stderr or "PASSWORD" in result.stderr
+
+
 def test_compose_refuses_to_start_without_required_secrets(tmp_path: Path) -> None:
     folder = tmp_path
     shutil.copy(COMPOSE_FILE, folder / "docker-compose.yml")
-    lines = ENV_EXAMPLE.read_text().splitlines()
+    lines = _filled_in(ENV_EXAMPLE.read_text()).splitlines()
     (folder / ".env").write_text(
         "\n".join(line for line in lines if not line.startswith("LORAPLEX_SECRET_KEY=")) + "\n"
     )

@@ -25,6 +25,9 @@ def test_dev_secret_refused_with_postgres(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ValueError, match="SECRET_KEY"):
         CommonSettings(database_url="postgresql+psycopg://u@h/db")
     CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 40)
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 31)
+    CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 32)
 
 
 def test_embedded_defaults(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
