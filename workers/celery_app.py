@@ -28,7 +28,7 @@ from workers.context import WorkerContext
 from workers.jobs.cleanup import sweep_scratch
 from workers.jobs.reaper import reap
 from workers.settings import WorkerSettings
-from workers.webhooks.delivery import WebhookSender, claim_due, deliver, make_client
+from workers.webhooks.delivery import WebhookSender, set_local_sender, wake_local_sender
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,13 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
         sweep_ended_job(context(), job_id)
 
-    # One client for every wake-up message of this process, not one per delivery.
-    webhook_client = make_client(settings)
-
     @app.task(name=DELIVER_WEBHOOK_TASK)
     def deliver_webhook(delivery_id: str) -> None:
-        # A wake-up for one new delivery; the sender thread sends anything this misses.
-        ctx = context()
-        with transaction(ctx.session_factory) as session:
-            due = claim_due(session, ctx.settings, only_id=delivery_id)
-        for item in due:
-            deliver(ctx.session_factory, ctx.settings, webhook_client, item)
+        # A wake-up for one new delivery. The send itself happens on the sender's threads:
+        # sending here would hold this worker's only task slot (the `default` queue's
+        # validations and sweeps wait behind it) for as long as a slow receiver takes.
+        del delivery_id  # the sender takes whatever is due, this one included
+        wake_local_sender()
 
     return app
 
@@ -145,6 +141,7 @@ def run_worker(settings: WorkerSettings, queues: list[str], *, loglevel: str = "
     dispatcher = Dispatcher(ctx.session_factory, app, poll_seconds=0.5)
     reaper = Reaper(ctx)
     sender = WebhookSender(ctx.session_factory, settings)
+    set_local_sender(sender)
     dispatcher.start()
     reaper.start()
     sender.start()
@@ -167,6 +164,7 @@ def run_worker(settings: WorkerSettings, queues: list[str], *, loglevel: str = "
             ]
         )
     finally:
+        set_local_sender(None)
         sender.stop()
         reaper.stop()
         dispatcher.stop()

@@ -75,7 +75,8 @@ class WorkerSettings(CommonSettings):
     )
     webhook_lease_seconds: float = Field(
         default=60.0,
-        description="A delivery being sent is retried after this long if its worker died.",
+        description="A delivery being sent is retried after this long if its worker died; "
+        "must be longer than WEBHOOK_TIMEOUT_SECONDS.",
     )
     webhook_poll_seconds: float = Field(
         default=1.0, description="How often each worker looks for due webhook deliveries."
@@ -121,6 +122,13 @@ class WorkerSettings(CommonSettings):
             self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
+        if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
+            # A send still waiting for its receiver would be claimed and sent again elsewhere.
+            raise ValueError(
+                "LORAPLEX_WEBHOOK_LEASE_SECONDS must be longer than "
+                "LORAPLEX_WEBHOOK_TIMEOUT_SECONDS (keep a margin for name lookup and "
+                "recording the result)."
+            )
         return self
 
     @property

@@ -21,7 +21,12 @@ from api.webhooks.schemas import (
 )
 from common import ids
 from common.webhooks import signing
-from common.webhooks.events import endpoint_test_event, enqueue_delivery, wake_delivery
+from common.webhooks.events import (
+    DISABLED_BY_TENANT,
+    endpoint_test_event,
+    enqueue_delivery,
+    wake_delivery,
+)
 from common.webhooks.ssrf import UnsafeURL, check_url
 from models_db.base import now_ts
 from models_db.models import AuditLogEntry, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -150,7 +155,7 @@ def set_enabled(row: WebhookEndpoint, enabled: bool) -> None:
     elif not enabled and row.enabled:
         row.enabled, row.disabled_reason, row.disabled_at = (
             False,
-            "Disabled by the tenant.",
+            DISABLED_BY_TENANT,
             now_ts(),
         )
 

@@ -19,6 +19,8 @@ from models_db.base import now_ts
 from models_db.models import FineTuningJob, OutboxMessage, WebhookDelivery, WebhookEndpoint
 
 DELIVER_WEBHOOK_TASK = "loraplex.webhooks.deliver"
+# The reason an endpoint disabled through the API carries: such an endpoint gets no events.
+DISABLED_BY_TENANT = "Disabled by the tenant."
 JOB_EVENT_TYPES = {
     "succeeded": "fine_tuning.job.succeeded",
     "failed": "fine_tuning.job.failed",
@@ -91,11 +93,15 @@ def wake_delivery(session: Session, delivery: WebhookDelivery) -> None:
 
 
 def emit_event(session: Session, tenant_id: str, event_type: str, data: dict[str, Any]) -> int:
-    """Queue ``event_type`` for every enabled endpoint of the tenant that subscribed to it."""
+    """Queue ``event_type`` for every endpoint of the tenant that subscribed to it, except one
+    the tenant disabled itself. An endpoint that we disabled (410 Gone, failing for days) gets
+    its deliveries too: they wait, unsent, until the tenant enables it again, so no event is
+    lost while a receiver is being fixed."""
     endpoints = session.scalars(
         select(WebhookEndpoint).where(
             WebhookEndpoint.tenant_id == tenant_id,
-            WebhookEndpoint.enabled.is_(True),
+            WebhookEndpoint.enabled.is_(True)
+            | (WebhookEndpoint.disabled_reason.is_distinct_from(DISABLED_BY_TENANT)),
             WebhookEndpoint.deleted_at.is_(None),
         )
     ).all()

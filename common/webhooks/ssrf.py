@@ -495,7 +495,9 @@ def check_url(
             for resolved in addresses:
                 reason = unsafe_address_reason(resolved)
                 if reason is not None:
-                    raise refuse(f"host {host!r} resolves to {resolved}, {reason}")
+                    # The category, not the address: a tenant must not be able to map the
+                    # internal network's names to addresses through our error messages.
+                    raise refuse(f"host {host!r} resolves to {reason}")
 
     pinned: list[str] = []
     for address in addresses:

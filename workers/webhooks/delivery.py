@@ -85,8 +85,10 @@ def claim_due(
     )
     if only_id is not None:
         stmt = stmt.where(WebhookDelivery.id == only_id)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True, of=WebhookDelivery)
+    # Postgres: rows another sender holds are skipped. SQLite (no row locks): the write lock
+    # is taken before the read (models_db.session), so two senders in one process (the wake-up
+    # task and the sender thread) cannot both claim a delivery.
+    stmt = stmt.with_for_update(skip_locked=True, of=WebhookDelivery)
     claimed = []
     lease_ms = int(settings.webhook_lease_seconds * 1000)
     for delivery, endpoint in session.execute(stmt).all():
@@ -166,7 +168,12 @@ def record(
         delivery.status = "failed"
     else:
         delivery.next_attempt_at_ms = now_ms() + int(delay * 1000)
-    if endpoint.failing_since is None:
+    if endpoint.failing_since is None or (
+        due.attempt == 1 and not _failing_elsewhere(session, endpoint.id, delivery.id)
+    ):
+        # A new streak: the first failure of a delivery while no other delivery to this
+        # endpoint is failing. A streak that ended in exhausted retries, long ago, does not
+        # count against a receiver that has since recovered.
         endpoint.failing_since = now
     elif now - endpoint.failing_since >= settings.webhook_disable_after_seconds:
         _disable(
@@ -175,6 +182,22 @@ def record(
             f"{result.status_code or result.error}); deliveries stopped until it is enabled again.",
             now,
         )
+
+
+def _failing_elsewhere(session: Session, endpoint_id: str, delivery_id: str) -> bool:
+    """Whether another delivery to the endpoint is still being retried after a failure."""
+    found = session.scalar(
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.endpoint_id == endpoint_id,
+            WebhookDelivery.id != delivery_id,
+            WebhookDelivery.status == "pending",
+            (WebhookDelivery.last_status_code.is_not(None))
+            | (WebhookDelivery.last_error.is_not(None)),
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def _disable(endpoint: WebhookEndpoint, reason: str, now: int) -> None:
@@ -204,13 +227,17 @@ def make_client(settings: WorkerSettings) -> SafeWebhookClient:
 
 
 class WebhookSender:
-    """Each worker's background sender: every poll, claim what is due and send it."""
+    """Each worker's background sender: claims due deliveries as sending threads come free
+    (never more than it can start at once, so a claim's lease only has to cover one send) and
+    sends them; polls every ``webhook_poll_seconds``, or at once when woken."""
 
     def __init__(self, factory: sessionmaker[Session], settings: WorkerSettings) -> None:
         self._factory = factory
         self._settings = settings
         self._client = make_client(settings)
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._free = threading.Semaphore(settings.webhook_concurrency)
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
         self._pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook")
 
@@ -219,27 +246,66 @@ class WebhookSender:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(20)
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(20)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def run_once(self) -> int:
-        with transaction(self._factory) as session:
-            due = claim_due(session, self._settings, limit=4 * self._settings.webhook_concurrency)
-        for future in [
-            self._pool.submit(deliver, self._factory, self._settings, self._client, d) for d in due
-        ]:
-            try:
-                future.result()
-            except Exception:
-                log.exception("webhook delivery failed unexpectedly")
+    def wake(self) -> None:
+        """Look for due deliveries now (a new one was queued) instead of at the next poll."""
+        self._wake.set()
+
+    def claim_and_send(self) -> int:
+        """Claim as many due deliveries as there are free sending threads and start them."""
+        slots = 0
+        while self._free.acquire(blocking=False):
+            slots += 1
+        if not slots:
+            return 0
+        try:
+            with transaction(self._factory) as session:
+                due = claim_due(session, self._settings, limit=slots)
+        except BaseException:
+            for _ in range(slots):
+                self._free.release()
+            raise
+        for _ in range(slots - len(due)):
+            self._free.release()
+        for item in due:
+            self._pool.submit(self._send_one, item)
         return len(due)
+
+    def _send_one(self, item: DueDelivery) -> None:
+        try:
+            deliver(self._factory, self._settings, self._client, item)
+        except Exception:
+            log.exception("webhook delivery failed unexpectedly")
+        finally:
+            self._free.release()
+            self._wake.set()  # a thread is free: more may be due
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             try:
-                busy = self.run_once()
+                self.claim_and_send()
             except Exception:
                 log.exception("webhook sender pass failed")
-                busy = 0
-            if not busy:
-                self._stop.wait(self._settings.webhook_poll_seconds)
+            self._wake.wait(self._settings.webhook_poll_seconds)
+
+
+# The sender of this process (a worker runs one), for the wake-up task to poke.
+_local_sender: WebhookSender | None = None
+
+
+def set_local_sender(sender: WebhookSender | None) -> None:
+    global _local_sender
+    _local_sender = sender
+
+
+def wake_local_sender() -> bool:
+    """Wake this process's sender; False when none runs here."""
+    if _local_sender is None:
+        return False
+    _local_sender.wake()
+    return True

@@ -204,9 +204,7 @@ def test_rebinding_after_creation_is_refused_at_delivery(
     assert check_url(url).addresses == ["93.184.216.34"]  # creation: looks public
     with SafeWebhookClient() as client:
         result = _post(client, url)  # delivery: now points at loopback
-    assert result.error == (
-        "refused: host 'rebind.example.test' resolves to 127.0.0.1, a loopback address"
-    )
+    assert result.error == ("refused: host 'rebind.example.test' resolves to a loopback address")
     assert canary.connections == 0
 
 
