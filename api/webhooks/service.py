@@ -29,7 +29,13 @@ from common.webhooks.events import (
 )
 from common.webhooks.ssrf import UnsafeURL, check_url
 from models_db.base import now_ts
-from models_db.models import AuditLogEntry, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from models_db.models import (
+    AuditLogEntry,
+    Tenant,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 
 MAX_ENDPOINTS_PER_TENANT = 20
 
@@ -92,6 +98,9 @@ def create(
     allow_hosts: frozenset[str],
 ) -> EndpointObject:
     repo = EndpointRepository(session, principal.tenant_id)
+    url = _checked_url(body.url, allow_hosts)  # name lookups before any lock is taken
+    # Creates of one tenant take turns from here on, so two at once cannot both pass the count.
+    session.get(Tenant, principal.tenant_id, with_for_update=True)
     live = session.scalars(repo.select().where(WebhookEndpoint.deleted_at.is_(None))).all()
     if len(live) >= MAX_ENDPOINTS_PER_TENANT:
         raise BadRequest(
@@ -103,7 +112,7 @@ def create(
         WebhookEndpoint(
             id=ids.new_id(ids.WEBHOOK_ENDPOINT),
             tenant_id=principal.tenant_id,
-            url=_checked_url(body.url, allow_hosts),
+            url=url,
             description=body.description,
             events=sorted(set(body.events)),
             secret_encrypted=signing.encrypt_secret(server_secret, secret),

@@ -286,3 +286,18 @@ def test_a_request_that_fails_leaves_the_key_free(http: httpx.Client) -> None:
     _refused(refused, "url", "invalid_url")
     created = _post(http, E, "fix-1", {"url": URL})
     assert created.status_code == 200 and "idempotent-replayed" not in created.headers
+
+
+# --- the endpoint cap ----------------------------------------------------------------------------
+
+
+def test_the_endpoint_cap_holds_against_concurrent_creates(http: httpx.Client) -> None:
+    for _ in range(18):
+        _create(http)
+    # Two creates at once for the last two places, then two more: exactly 20 in the end.
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: http.post(E, json={"url": URL}), range(4)))
+    assert sorted(a.status_code for a in answers) == [200, 200, 400, 400], [a.text for a in answers]
+    for refused in (a for a in answers if a.status_code == 400):
+        assert refused.json()["error"]["code"] == "too_many_endpoints"
+    assert len(http.get(E, params={"limit": 100}).json()["data"]) == 20
