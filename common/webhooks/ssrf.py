@@ -44,7 +44,10 @@ Decisions:
 * The stored URL (:attr:`CheckedURL.url`) is the normalised one (lower-case scheme and host,
   canonical IP literal, default port omitted, fragment dropped).
 * Name resolution uses the system resolver (``socket.getaddrinfo``), which has no timeout of
-  its own; the delivery deadline starts after it.
+  its own: each lookup runs on a small shared pool of threads and is given up after
+  ``RESOLVE_TIMEOUT_SECONDS`` (the name then counts as not resolved), so a name server that
+  never answers cannot hold API requests or sender threads. The delivery deadline starts after
+  it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -372,8 +377,21 @@ def parse_allow_hosts(value: str | Iterable[str], *, strict: bool = True) -> fro
     return frozenset(out)
 
 
+RESOLVE_TIMEOUT_SECONDS = 5.0
+# Lookups that hang keep their thread (getaddrinfo cannot be interrupted); with a bounded pool
+# they cannot pile up threads, and callers queued behind them still give up on time.
+_resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+
+
 def _resolve(host: str, port: int) -> list[IPAddress]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    lookup = _resolver.submit(
+        socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    try:
+        infos = lookup.result(timeout=RESOLVE_TIMEOUT_SECONDS)
+    except FutureTimeout:
+        lookup.cancel()
+        raise OSError(f"looking up {host!r} took more than {RESOLVE_TIMEOUT_SECONDS:g} s") from None
     addresses: list[IPAddress] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):

@@ -180,3 +180,29 @@ def test_unsafe_address_reason(address: str, reason: str | None) -> None:
     else:
         assert result is not None
         assert reason in result
+
+
+def test_a_name_server_that_never_answers_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+    import time
+
+    from common.webhooks import ssrf
+
+    answer = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host: str, *args: object, **kwargs: object) -> object:
+        if host == "silent.example.test":
+            answer.wait(10)  # the lookup cannot be interrupted; the caller stops waiting
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(ssrf, "RESOLVE_TIMEOUT_SECONDS", 0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UnsafeURL, match="could not be resolved"):
+            check_url("https://silent.example.test/hook")
+        assert time.monotonic() - started < 5
+    finally:
+        answer.set()
