@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import subprocess
 from pathlib import Path
+from typing import IO
 
 from api.settings import APISettings
 
@@ -64,3 +66,28 @@ def start_embedded_vllm(settings: APISettings) -> tuple[subprocess.Popen[bytes],
     log = (settings.data_dir / "vllm.log").open("ab")
     process = subprocess.Popen(launch.command(), env=launch.env(), stdout=log, stderr=log)
     return process, launch.url
+
+
+def hold_data_dir(data_dir: Path) -> IO[bytes] | None:
+    """Lock ``data_dir`` for this `loraplex up` (released when the file is closed or the process
+    ends, however it ends); None when another process holds it. Two stacks on one SQLite
+    database and broker would take each other's jobs and messages."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / "up.lock").open("wb")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` can be listened on now (checked before any process is started)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -105,13 +105,15 @@ def gateway(host: str | None, port: int | None) -> None:
 def up(port: int) -> None:
     """Run loraplex on embedded defaults: API and gateway on one port, a worker, and a vLLM
     server for the tiny model (when `make vllm-venv` has been run), setting up what is missing
-    first. Ctrl-C stops everything."""
+    first. Ctrl-C (or SIGTERM) stops everything; so does any of its processes exiting."""
     import os
+    import signal
     import subprocess
+    import threading
 
     import uvicorn
 
-    from cli.bootstrap import bootstrap_embedded, start_embedded_vllm
+    from cli.bootstrap import bootstrap_embedded, hold_data_dir, port_is_free, start_embedded_vllm
     from serving.combined import create_combined_app
     from serving.settings import GatewaySettings
 
@@ -119,41 +121,72 @@ def up(port: int) -> None:
     # unless LORAPLEX_JSON_LOGS says otherwise.
     os.environ.setdefault("LORAPLEX_JSON_LOGS", "false")
     settings = _settings()
+    lock = hold_data_dir(settings.data_dir)
+    if lock is None:
+        raise click.ClickException(
+            f"another `loraplex up` is running on {settings.data_dir}; stop it first (or set "
+            "LORAPLEX_DATA_DIR to another folder)"
+        )
+    if not port_is_free(port):
+        raise click.ClickException(f"port {port} is in use; choose another with --port")
     key = bootstrap_embedded(settings)
     if key:
         click.echo(f"created tenant 'demo'; its API key (shown once): {key}")
-    children: list[subprocess.Popen[bytes]] = []
-    gateway_settings = GatewaySettings()
-    if not gateway_settings.vllm_urls:
-        started = start_embedded_vllm(settings)
-        if started is None:
-            click.echo(
-                "no vLLM found (run `make vllm-venv`): chat completions are off, fine-tuning works",
-                err=True,
-            )
-        else:
-            process, url = started
-            children.append(process)
-            gateway_settings = GatewaySettings(vllm_urls=url)
-            click.echo(f"vLLM (tiny-llama) starting at {url}", err=True)
-    worker_env = {**os.environ, "LORAPLEX_GATEWAY_URL": f"http://127.0.0.1:{port}"}
-    children.append(subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=worker_env))
-    click.echo(f"OpenAI base URL: http://127.0.0.1:{port}/v1")
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = threading.Event()
+    died: list[str] = []
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        # uvicorn handles SIGTERM while it serves and then raises it again with this handler
+        # back in place: the children are stopped below instead of left running.
+        raise SystemExit(128 + signum)
+
+    def watch_children(server: uvicorn.Server) -> None:
+        # Half a stack (an API whose jobs no worker takes) is worse than none: stop it all.
+        while not stopping.wait(1.0):
+            for name, child in children:
+                if child.poll() is not None and not server.should_exit:
+                    died.append(f"{name} exited with code {child.returncode}")
+                    server.should_exit = True  # uvicorn's own graceful shutdown
+                    return
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        uvicorn.run(
-            create_combined_app(settings, gateway_settings),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-        )
+        gateway_settings = GatewaySettings()
+        if not gateway_settings.vllm_urls:
+            started = start_embedded_vllm(settings)
+            if started is None:
+                click.echo(
+                    "no vLLM found (run `make vllm-venv`): chat completions are off, "
+                    "fine-tuning works",
+                    err=True,
+                )
+            else:
+                process, url = started
+                children.append(("vLLM", process))
+                gateway_settings = GatewaySettings(vllm_urls=url)
+                click.echo(f"vLLM (tiny-llama) starting at {url}", err=True)
+        worker_env = {**os.environ, "LORAPLEX_GATEWAY_URL": f"http://127.0.0.1:{port}"}
+        worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=worker_env)
+        children.append(("the worker", worker))
+        app = create_combined_app(settings, gateway_settings)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+        watcher = threading.Thread(target=watch_children, args=(server,), daemon=True)
+        watcher.start()
+        click.echo(f"OpenAI base URL: http://127.0.0.1:{port}/v1")
+        server.run()
     finally:
-        for child in children:
+        stopping.set()
+        for _, child in children:
             child.terminate()
-        for child in children:
+        for _, child in children:
             try:
                 child.wait(20)
             except subprocess.TimeoutExpired:
                 child.kill()
+        lock.close()
+    if died:
+        raise click.ClickException(f"{died[0]}; everything was stopped")
 
 
 @main.command()
