@@ -18,7 +18,26 @@ def _settings() -> APISettings:
         raise click.ClickException(str(exc)) from exc
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group; a database that is missing or not migrated is a one-line error."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if type(exc).__module__ != "sqlalchemy.exc" or type(exc).__name__ not in (
+                "OperationalError",
+                "ProgrammingError",
+            ):
+                raise
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise click.ClickException(
+                f"database: {reason}. Is LORAPLEX_DATABASE_URL right, and has `loraplex "
+                "migrate` (or `loraplex up`) been run?"
+            ) from None
+
+
+@click.group(cls=_Main)
 def main() -> None:
     """loraplex: multi-tenant LoRA fine-tuning with an OpenAI-compatible API."""
 
@@ -348,12 +367,15 @@ def create_user(email: str, tenant: str | None, role: str) -> None:
     from api.tenancy.repository import TenantRepository
     from models_db.session import make_engine, make_session_factory, transaction
 
+    # The flags are checked before a password is asked for.
+    if role == "platform-admin" and tenant:
+        raise click.ClickException("platform admins belong to no tenant: drop --tenant")
+    if role != "platform-admin" and not tenant:
+        raise click.ClickException(f"a {role} belongs to one tenant: add --tenant")
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    if role == "platform-admin" and tenant:
-        raise click.ClickException("platform admins belong to no tenant: drop --tenant")
     settings = _settings()
     factory = make_session_factory(make_engine(settings.database_url))
     try:

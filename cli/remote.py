@@ -8,6 +8,8 @@ The server and key come from ``--base-url``/``--api-key`` or ``LORAPLEX_BASE_URL
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +19,28 @@ import httpx
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
-def _client(ctx: click.Context) -> httpx.Client:
+@contextmanager
+def _client(ctx: click.Context) -> Iterator[httpx.Client]:
+    """A client for the server; a server that cannot be reached is a one-line error."""
     base_url, api_key = ctx.obj["base_url"], ctx.obj["api_key"]
     if not api_key:
         raise click.ClickException(
             "no API key: pass --api-key or set LORAPLEX_API_KEY (the key `loraplex up` printed)"
         )
-    return httpx.Client(
-        base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60
-    )
+    try:
+        with httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60
+        ) as http:
+            yield http
+    except (httpx.TransportError, httpx.InvalidURL) as exc:
+        raise click.ClickException(
+            f"cannot reach {base_url}: {exc or type(exc).__name__} (is the server running, and "
+            "is --base-url / LORAPLEX_BASE_URL its http(s)://…/v1 address?)"
+        ) from None
 
 
-def _call(response: httpx.Response) -> dict[str, Any]:
+def checked_json(response: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON; an error answer becomes a one-line error naming its field."""
     try:
         body: dict[str, Any] = response.json()
     except ValueError:
@@ -77,7 +89,7 @@ jobs = connection_options(jobs)
 def list_jobs(ctx: click.Context, limit: int) -> None:
     """List your jobs, newest first."""
     with _client(ctx) as http:
-        body = _call(http.get("/fine_tuning/jobs", params={"limit": limit}))
+        body = checked_json(http.get("/fine_tuning/jobs", params={"limit": limit}))
     for job in body["data"]:
         model = job.get("fine_tuned_model") or ""
         click.echo(f"{job['id']}  {job['status']:<16} {job['model']:<24} {model}")
@@ -115,13 +127,13 @@ def create_job(
         body["suffix"] = suffix
     body["method"] = {"type": method, method: {"hyperparameters": chosen}}
     with _client(ctx) as http:
-        job = _call(http.post("/fine_tuning/jobs", json=body))
+        job = checked_json(http.post("/fine_tuning/jobs", json=body))
         click.echo(job["id"])
         if watch:
             from cli.watch import watch_job
 
             final = watch_job(http, job["id"])
-            click.echo(f"{final['status']}: {final.get('fine_tuned_model') or final.get('error')}")
+            _ended(final)
 
 
 @jobs.command("retrieve")
@@ -130,7 +142,7 @@ def create_job(
 def retrieve_job(ctx: click.Context, job_id: str) -> None:
     """Show one job as JSON."""
     with _client(ctx) as http:
-        _show(_call(http.get(f"/fine_tuning/jobs/{job_id}")))
+        _show(checked_json(http.get(f"/fine_tuning/jobs/{job_id}")))
 
 
 @jobs.command("cancel")
@@ -139,7 +151,7 @@ def retrieve_job(ctx: click.Context, job_id: str) -> None:
 def cancel_job(ctx: click.Context, job_id: str) -> None:
     """Cancel a job."""
     with _client(ctx) as http:
-        job = _call(http.post(f"/fine_tuning/jobs/{job_id}/cancel"))
+        job = checked_json(http.post(f"/fine_tuning/jobs/{job_id}/cancel"))
     click.echo(f"{job['id']}  {job['status']}")
 
 
@@ -152,7 +164,14 @@ def watch(ctx: click.Context, job_id: str) -> None:
 
     with _client(ctx) as http:
         final = watch_job(http, job_id)
-    click.echo(f"{final['status']}: {final.get('fine_tuned_model') or final.get('error') or ''}")
+    _ended(final)
+
+
+def _ended(final: dict[str, Any]) -> None:
+    """Print how a watched job ended; exit 1 unless it succeeded."""
+    error = final.get("error") or {}
+    detail = final.get("fine_tuned_model") or (error.get("message") if error else "") or ""
+    click.echo(f"{final['status']}: {detail}")
     if final["status"] != "succeeded":
         raise SystemExit(1)
 
@@ -167,7 +186,7 @@ def register_upload(files: click.Group) -> None:
         """Upload a dataset file to a running server; prints its id."""
         ctx = click.Context(upload, obj={"base_url": base_url.rstrip("/"), "api_key": api_key})
         with _client(ctx) as http, path.open("rb") as handle:
-            body = _call(
+            body = checked_json(
                 http.post(
                     "/files",
                     files={"file": (path.name, handle)},

@@ -74,7 +74,25 @@ def watch_job(
 
 
 def _get(http: httpx.Client, path: str, **kwargs: Any) -> dict[str, Any]:
-    response = http.get(path, **kwargs)
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
-    return body
+    """GET through the outages a long watch meets (the server restarting, a 5xx): tried for
+    about a minute before giving up; a 4xx (wrong key, unknown job) ends the watch at once."""
+    from cli.remote import checked_json
+
+    for attempt in range(_GET_TRIES):
+        last = attempt == _GET_TRIES - 1
+        try:
+            response = http.get(path, **kwargs)
+        except httpx.TransportError:
+            if last:
+                raise
+            time.sleep(_GET_RETRY_SECONDS)
+            continue
+        if response.status_code >= 500 and not last:
+            time.sleep(_GET_RETRY_SECONDS)
+            continue
+        return checked_json(response)
+    raise AssertionError("unreachable")
+
+
+_GET_TRIES = 12
+_GET_RETRY_SECONDS = 5.0

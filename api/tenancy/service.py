@@ -56,8 +56,14 @@ def create_tenant(
     name = name.strip()
     if not name or len(name) > 200:
         raise TenancyError("tenant name must be 1-200 characters")
+    given = slug
     slug = slug or slugify(name)
     if not _SLUG_RE.match(slug):
+        if given is None:  # made from the name: say so, the user never typed it
+            raise TenancyError(
+                f"cannot make a slug from the name {name!r}; give one (3-40 lowercase "
+                "letters, digits and dashes)"
+            )
         raise TenancyError(f"invalid slug {slug!r}: use 3-40 lowercase letters, digits and dashes")
     repo = TenantRepository(session)
     if repo.slug_taken(slug):

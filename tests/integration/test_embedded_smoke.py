@@ -110,3 +110,23 @@ def test_files_validate_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "line 1" in result.stderr and "robot" in result.stderr
+
+
+def test_ordinary_mistakes_are_one_line_errors_before_anything_is_asked(tmp_path: Path) -> None:
+    env = {**os.environ, "LORAPLEX_DATA_DIR": str(tmp_path / "state")}
+    for key in ("LORAPLEX_DATABASE_URL", "LORAPLEX_BROKER_URL", "LORAPLEX_STORAGE_URL"):
+        env.pop(key, None)
+
+    def fails(args: list[str], stdin: str = "") -> str:
+        result = subprocess.run(
+            [*LORAPLEX, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.stderr
+
+    assert "loraplex migrate" in fails(["models", "list"])  # before any migration
+    _run(["migrate"], env)
+    assert "give one" in fails(["admin", "create-tenant", "!!!"])
+    # The flags are refused before a password is read.
+    assert "add --tenant" in fails(["admin", "create-user", "a@b.co", "--role", "member"], "pw")
