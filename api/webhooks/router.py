@@ -179,7 +179,7 @@ def _set_enabled(
     session: Session, principal: Principal, endpoint_id: str, enabled: bool
 ) -> EndpointObject:
     row = service.EndpointRepository(session, principal.tenant_id).get_live(endpoint_id)
-    service.set_enabled(row, enabled)
+    service.set_enabled(session, row, enabled)
     return service.to_object(row)
 
 

@@ -23,8 +23,11 @@ from common import ids
 from common.webhooks import signing
 from common.webhooks.events import (
     DISABLED_BY_TENANT,
+    PARKED_AT_MS,
     endpoint_test_event,
     enqueue_delivery,
+    park_deliveries,
+    unpark_deliveries,
     wake_delivery,
 )
 from common.webhooks.ssrf import UnsafeURL, check_url
@@ -147,13 +150,13 @@ def update(
     if body.description is not None:
         row.description = body.description
     if body.enabled is not None:
-        set_enabled(row, body.enabled)
+        set_enabled(session, row, body.enabled)
     _audit(session, principal, "webhook_endpoint.update", row.id)
     session.flush()
     return to_object(row)
 
 
-def set_enabled(row: WebhookEndpoint, enabled: bool) -> None:
+def set_enabled(session: Session, row: WebhookEndpoint, enabled: bool) -> None:
     if enabled and not row.enabled:
         row.enabled, row.disabled_reason, row.disabled_at, row.failing_since = (
             True,
@@ -161,12 +164,14 @@ def set_enabled(row: WebhookEndpoint, enabled: bool) -> None:
             None,
             None,
         )
+        unpark_deliveries(session, row.id)  # what waited is due now
     elif not enabled and row.enabled:
         row.enabled, row.disabled_reason, row.disabled_at = (
             False,
             DISABLED_BY_TENANT,
             now_ts(),
         )
+        park_deliveries(session, row.id)
 
 
 def delete(session: Session, principal: Principal, endpoint_id: str) -> str:
@@ -212,7 +217,10 @@ def delivery_object(row: WebhookDelivery, attempts: Sequence[WebhookAttempt]) ->
         event_type=row.event_type,
         status=row.status,
         attempts=row.attempts,
-        next_attempt_at=row.next_attempt_at_ms // 1000 if row.status == "pending" else None,
+        # None while parked: it waits for its endpoint to be enabled, not for a time.
+        next_attempt_at=row.next_attempt_at_ms // 1000
+        if row.status == "pending" and row.next_attempt_at_ms < PARKED_AT_MS
+        else None,
         last_status_code=row.last_status_code,
         last_error=row.last_error,
         delivered_at=row.delivered_at,
@@ -269,7 +277,7 @@ def replay(
             f"No delivery found with id '{ids.show_id(delivery_id)}'.", param="delivery_id"
         )
     row.status = "pending"
-    row.next_attempt_at_ms = int(time.time() * 1000)
+    row.next_attempt_at_ms = int(time.time() * 1000) if endpoint.enabled else PARKED_AT_MS
     row.delivered_at = None
     wake_delivery(session, row)
     _audit(session, principal, "webhook_delivery.replay", row.id)

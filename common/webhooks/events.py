@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from common import ids
@@ -21,6 +21,36 @@ from models_db.models import FineTuningJob, OutboxMessage, WebhookDelivery, Webh
 DELIVER_WEBHOOK_TASK = "loraplex.webhooks.deliver"
 # The reason an endpoint disabled through the API carries: such an endpoint gets no events.
 DISABLED_BY_TENANT = "Disabled by the tenant."
+# The due time of a pending delivery whose endpoint is disabled: beyond any real time, so the
+# senders' search for due deliveries (an index range up to now) never walks over them however
+# many pile up; enabling the endpoint makes them due at once (unpark_deliveries).
+PARKED_AT_MS = 2**62
+
+
+def park_deliveries(session: Session, endpoint_id: str) -> None:
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.endpoint_id == endpoint_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at_ms < PARKED_AT_MS,
+        )
+        .values(next_attempt_at_ms=PARKED_AT_MS)
+    )
+
+
+def unpark_deliveries(session: Session, endpoint_id: str) -> None:
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.endpoint_id == endpoint_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at_ms >= PARKED_AT_MS,
+        )
+        .values(next_attempt_at_ms=int(time.time() * 1000))
+    )
+
+
 JOB_EVENT_TYPES = {
     "succeeded": "fine_tuning.job.succeeded",
     "failed": "fine_tuning.job.failed",
@@ -74,7 +104,7 @@ def enqueue_delivery(
         body=body,
         status="pending",
         attempts=0,
-        next_attempt_at_ms=int(time.time() * 1000),
+        next_attempt_at_ms=int(time.time() * 1000) if endpoint.enabled else PARKED_AT_MS,
     )
     session.add(delivery)
     wake_delivery(session, delivery)

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.webhooks.events import PARKED_AT_MS, park_deliveries
 from common.webhooks.signing import decrypt_secret, headers
 from common.webhooks.ssrf import DeliveryResult, SafeWebhookClient
 from models_db.base import now_ts
@@ -161,11 +162,13 @@ def record(
         return
     if result.status_code == 410:
         delivery.status = "failed"
-        _disable(endpoint, "The endpoint answered 410 Gone; deliveries stopped.", now)
+        _disable(session, endpoint, "The endpoint answered 410 Gone; deliveries stopped.", now)
         return
     delay = retry_delay_seconds(settings.retry_schedule, due.attempt)
     if delay is None:
         delivery.status = "failed"
+    elif not endpoint.enabled:  # disabled while this attempt ran: wait for it to be enabled
+        delivery.next_attempt_at_ms = PARKED_AT_MS
     else:
         delivery.next_attempt_at_ms = now_ms() + int(delay * 1000)
     if endpoint.failing_since is None or (
@@ -177,6 +180,7 @@ def record(
         endpoint.failing_since = now
     elif now - endpoint.failing_since >= settings.webhook_disable_after_seconds:
         _disable(
+            session,
             endpoint,
             f"Every delivery has failed for {now - endpoint.failing_since} s (last: "
             f"{result.status_code or result.error}); deliveries stopped until it is enabled again.",
@@ -200,11 +204,13 @@ def _failing_elsewhere(session: Session, endpoint_id: str, delivery_id: str) -> 
     return found is not None
 
 
-def _disable(endpoint: WebhookEndpoint, reason: str, now: int) -> None:
+def _disable(session: Session, endpoint: WebhookEndpoint, reason: str, now: int) -> None:
     if endpoint.enabled:
         endpoint.enabled = False
         endpoint.disabled_reason = reason[:500]
         endpoint.disabled_at = now
+        session.flush()
+        park_deliveries(session, endpoint.id)  # they wait for the tenant to enable it
         log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
 
 

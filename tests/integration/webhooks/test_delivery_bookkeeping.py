@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.webhooks.service import set_enabled
 from common import ids
 from common.webhooks import signing
-from common.webhooks.events import emit_event, enqueue_delivery
+from common.webhooks.events import PARKED_AT_MS, emit_event, enqueue_delivery
 from common.webhooks.ssrf import DeliveryResult
 from models_db.base import now_ts
 from models_db.models import Tenant, WebhookDelivery, WebhookEndpoint
@@ -137,18 +137,40 @@ def test_an_endpoint_we_disabled_keeps_its_events_for_when_it_is_enabled(
     assert _emit(factory, endpoint_id) == 1  # kept, not dropped
     with transaction(factory) as session:
         assert claim_due(session, settings) == []  # but not sent while disabled
+        [parked] = session.scalars(select(WebhookDelivery)).all()
+        assert parked.next_attempt_at_ms == PARKED_AT_MS  # out of the senders' way
     with transaction(factory) as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
         assert endpoint is not None
-        set_enabled(endpoint, True)
+        set_enabled(session, endpoint, True)
     with transaction(factory) as session:
         assert len(claim_due(session, settings)) == 1
     # One the tenant disabled itself gets nothing.
     with transaction(factory) as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
         assert endpoint is not None
-        set_enabled(endpoint, False)
+        set_enabled(session, endpoint, False)
     assert _emit(factory, endpoint_id) == 0
+
+
+def test_a_410_parks_the_endpoint_s_other_deliveries_until_it_is_enabled(
+    factory: sessionmaker[Session], settings: WorkerSettings
+) -> None:
+    endpoint_id = _endpoint(factory, settings)
+    gone, waiting = _deliveries(factory, endpoint_id, 2)
+    with transaction(factory) as session:
+        [due] = claim_due(session, settings, only_id=gone)
+    with transaction(factory) as session:
+        record(session, settings, due, DeliveryResult(410, 1.0, "", "410 Gone", False))
+    with transaction(factory) as session:
+        row = session.get(WebhookDelivery, waiting)
+        assert row is not None and row.status == "pending"
+        assert row.next_attempt_at_ms == PARKED_AT_MS
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None and not endpoint.enabled
+        set_enabled(session, endpoint, True)
+    with transaction(factory) as session:
+        assert [d.id for d in claim_due(session, settings)] == [waiting]
 
 
 def _fail_once(factory: sessionmaker[Session], settings: WorkerSettings, delivery_id: str) -> None:
