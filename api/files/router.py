@@ -124,7 +124,8 @@ def _sha256_of(source: BinaryIO) -> str:
 def list_files(
     session: SessionDep,
     principal: FinetunePrincipal,
-    purpose: Literal["fine-tune"] | None = None,
+    # Any purpose the SDK may ask for: files of another purpose do not exist here (empty page).
+    purpose: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
     order: Literal["asc", "desc"] = "desc",

@@ -10,12 +10,15 @@ from sqlalchemy import (
     BindParameter,
     Insert,
     Table,
+    Text,
     and_,
     bindparam,
+    cast,
     exists,
     func,
     insert,
     literal_column,
+    or_,
     select,
 )
 
@@ -174,10 +177,18 @@ class JobRepository(TenantScopedRepository[FineTuningJob]):
     model = FineTuningJob
 
     def list(
-        self, *, after: str | None, limit: int, metadata: dict[str, str]
+        self, *, after: str | None, limit: int, metadata: dict[str, str] | None
     ) -> tuple[Sequence[FineTuningJob], bool]:
+        """A page of jobs; ``metadata`` filters on key/value pairs, or with None keeps the jobs
+        that have no metadata (none given, null, or {})."""
         stmt = self.select()
         sqlite = self.session.get_bind().dialect.name == "sqlite"
+        if metadata is None:
+            column = FineTuningJob.job_metadata
+            kind = func.json_type(column) if sqlite else func.jsonb_typeof(column)
+            empty = (func.json(column) if sqlite else cast(column, Text)) == "{}"
+            stmt = stmt.where(or_(column.is_(None), kind == "null", empty))
+            metadata = {}
         for key, value in metadata.items():
             if sqlite:
                 # SQLite's dialect splices the key into a JSON path ('$."key"') unescaped, so a

@@ -39,19 +39,30 @@ router = APIRouter(
 _METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
 
 
-def _metadata_filter(request: Request) -> dict[str, str]:
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """The ``metadata[KEY]=VALUE`` filters; None for OpenAI's ``metadata=null`` (jobs that have
+    no metadata)."""
     # (A filter key given twice never gets here: api/middleware.py refuses repeated names.)
     found: dict[str, str] = {}
+    without = False
     for name, value in request.query_params.multi_items():
         match = _METADATA_PARAM.match(name)
         if match and "\x00" not in value and len(value) <= 512:
             found[match.group(1)] = value
+        elif name == "metadata" and value == "null":
+            without = True
         elif name.startswith("metadata"):
             raise BadRequest(
-                "Invalid metadata filter: use metadata[KEY]=VALUE (VALUE up to 512 characters).",
+                "Invalid metadata filter: use metadata[KEY]=VALUE (VALUE up to 512 characters), "
+                "or metadata=null for jobs without metadata.",
                 param="metadata",
             )
-    return found
+    if without and found:
+        raise BadRequest(
+            "metadata=null (jobs without metadata) cannot be combined with metadata[KEY] filters.",
+            param="metadata",
+        )
+    return None if without else found
 
 
 @router.post("", response_model=FineTuningJobObject)

@@ -74,6 +74,9 @@ def test_embedded_mode_smoke(tmp_path: Path) -> None:
             listed = client.fine_tuning.jobs.list(metadata={key: value}).data
             assert [j.id for j in listed] == [job.id], key
             assert client.fine_tuning.jobs.list(metadata={key: "other"}).data == []
+        plain = client.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+        without = client.fine_tuning.jobs.list(extra_query={"metadata": "null"}).data
+        assert [j.id for j in without] == [plain.id]  # on SQLite too
         assert (tmp_path / "state" / "objects" / "tenants").is_dir()
 
         # The outbox row reached the embedded (SQLite) broker as a task message.

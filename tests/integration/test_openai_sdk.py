@@ -49,6 +49,18 @@ def test_fine_tuning_lifecycle(client: OpenAI) -> None:
     listed = client.fine_tuning.jobs.list(limit=5, metadata={"team": "search"})
     assert [j.id for j in listed.data] == [job.id]
     assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+    # OpenAI's documented filter for jobs without metadata, sent as the SDK tells users to.
+    plain = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
+    empty = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=uploaded.id, metadata={}
+    )
+    without = client.fine_tuning.jobs.list(extra_query={"metadata": "null"}).data
+    assert sorted(j.id for j in without) == sorted([plain.id, empty.id])
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.list(extra_query={"metadata": "null", "metadata[team]": "x"})
+    # Another purpose is an empty list, not an error.
+    assert client.files.list(purpose="batch").data == []
+    assert uploaded.id in [f.id for f in client.files.list(purpose="fine-tune")]
 
     events = client.fine_tuning.jobs.list_events(job.id)
     assert any(job.id in e.message for e in events.data)
