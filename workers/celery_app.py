@@ -25,6 +25,7 @@ from common.storage import StorageError
 from common.webhooks.events import DELIVER_WEBHOOK_TASK
 from models_db.session import transaction
 from workers.context import WorkerContext
+from workers.file_expiry import expire_files
 from workers.jobs.cleanup import sweep_scratch
 from workers.jobs.reaper import reap
 from workers.settings import WorkerSettings
@@ -132,6 +133,10 @@ class Reaper:
                     )
             except Exception:
                 log.exception("reaper pass failed")
+            try:
+                expire_files(self._ctx)
+            except Exception:
+                log.exception("expiring files failed")
 
 
 def run_worker(settings: WorkerSettings, queues: list[str], *, loglevel: str = "INFO") -> None:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import and_, func, or_
 
 from api.pagination import check_cursor, page
 from api.scoping import TenantScopedRepository
 from common import ids
+from models_db.base import now_ts
 from models_db.models import File
+
+
+def live_file(columns: Any, now: Any) -> Any:
+    """The condition for a file the API still shows: not deleted, not past its expiry.
+    ``columns`` is the File entity or a table alias's ``.c``."""
+    return and_(
+        columns.deleted_at.is_(None), or_(columns.expires_at.is_(None), columns.expires_at > now)
+    )
 
 
 class FileRepository(TenantScopedRepository[File]):
@@ -17,12 +27,14 @@ class FileRepository(TenantScopedRepository[File]):
 
     def get_live(self, file_id: str) -> File | None:
         row = self.get(file_id)
-        return row if row is not None and row.deleted_at is None else None
+        if row is None or row.deleted_at is not None:
+            return None
+        return row if row.expires_at is None or row.expires_at > now_ts() else None
 
     def list(
         self, *, purpose: str | None, after: str | None, limit: int, ascending: bool
     ) -> tuple[Sequence[File], bool]:
-        stmt = self.select().where(File.deleted_at.is_(None))
+        stmt = self.select().where(live_file(File, now_ts()))
         if purpose:
             stmt = stmt.where(File.purpose == purpose)
         if ascending:

@@ -59,7 +59,7 @@ async def create_file(
         raise BadRequest("Expected a multipart/form-data body with 'file' and 'purpose'.")
     # The body is spooled to a temporary file (never held in memory), then streamed on.
     form = await request.form(max_files=1, max_fields=8)
-    for field in ("file", "purpose"):
+    for field in ("file", "purpose", *_EXPIRES_FIELDS):
         if len(form.getlist(field)) > 1:  # which copy would win is parser-dependent
             raise BadRequest(f"'{field}' was given more than once.", param=field)
     upload = form.get("file")
@@ -74,9 +74,10 @@ async def create_file(
         raise BadRequest("Missing required parameter: 'file'.", param="file")
     if not isinstance(purpose, str):
         raise BadRequest("Missing required parameter: 'purpose'.", param="purpose")
-    unknown = sorted(set(form.keys()) - {"file", "purpose"})
+    unknown = sorted(set(form.keys()) - {"file", "purpose", *_EXPIRES_FIELDS})
     if unknown:
         raise BadRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    expires_after = _expires_after(form.get(_EXPIRES_FIELDS[0]), form.get(_EXPIRES_FIELDS[1]))
 
     def produce() -> tuple[int, dict[str, object]]:
         row = service.create_file(
@@ -88,6 +89,7 @@ async def create_file(
             size=upload.size,
             filename=upload.filename,
             purpose=purpose,
+            expires_after=expires_after,
         )
         return 200, FileObject.of(row).model_dump()
 
@@ -103,11 +105,38 @@ async def create_file(
             session,
             principal.tenant_id,
             idempotency_key,
-            fingerprint("POST", "/v1/files", [upload.filename, upload.size, purpose, content]),
+            fingerprint(
+                "POST", "/v1/files", [upload.filename, upload.size, purpose, content, expires_after]
+            ),
             produce,
         )
     finally:
         await form.close()
+
+
+_EXPIRES_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
+# OpenAI's bounds: one hour to 30 days after the upload.
+EXPIRES_AFTER_RANGE = (3600, 2_592_000)
+
+
+def _expires_after(anchor: object, seconds: object) -> int | None:
+    """OpenAI's ``expires_after`` as the SDK sends it (two form fields); its seconds or None."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise BadRequest(
+            "'expires_after[anchor]' must be 'created_at' (the only anchor there is).",
+            param="expires_after[anchor]",
+        )
+    low, high = EXPIRES_AFTER_RANGE
+    if not (isinstance(seconds, str) and seconds.isascii() and seconds.isdigit()) or not (
+        low <= int(seconds) <= high
+    ):
+        raise BadRequest(
+            f"'expires_after[seconds]' must be a whole number of seconds from {low} to {high}.",
+            param="expires_after[seconds]",
+        )
+    return int(seconds)
 
 
 def _sha256_of(source: BinaryIO) -> str:

@@ -29,6 +29,7 @@ class FileObject(BaseModel):
             filename=row.filename,
             purpose=row.purpose,
             status=row.status,
+            expires_at=row.expires_at,
         )
 
 

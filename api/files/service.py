@@ -66,6 +66,7 @@ def create_file(
     size: int | None,
     filename: str | None,
     purpose: str,
+    expires_after: int | None = None,
 ) -> File:
     if purpose not in PURPOSES:
         raise BadRequest(
@@ -102,6 +103,7 @@ def create_file(
             f"Invalid file format for fine-tuning: {err.message}", param="file", code=err.code
         ) from err
     summary = result[0]
+    created = now_ts()
     row = repo.add(
         File(
             id=file_id,
@@ -113,6 +115,8 @@ def create_file(
             storage_key=key,
             format=summary.format.value,
             examples=summary.examples,
+            created_at=created,
+            expires_at=created + expires_after if expires_after is not None else None,
         )
     )
     session.add(

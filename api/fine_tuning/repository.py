@@ -23,11 +23,13 @@ from sqlalchemy import (
 )
 
 from api.errors import BadRequest
+from api.files.repository import live_file
 from api.idempotency import STORED_COLUMNS, StoredResponse, key_insert, key_matches, stored_select
 from api.pagination import check_cursor, page
 from api.scoping import TenantScopedRepository
 from common import ids
 from common.ids import is_plausible_id, show_id
+from models_db.base import now_ts
 from models_db.models import (
     AuditLogEntry,
     BaseModel,
@@ -61,7 +63,7 @@ def _live_file(alias: Any, param: str) -> Any:
     return and_(
         alias.c.id == bindparam(param),
         alias.c.tenant_id == bindparam("tenant_id"),
-        alias.c.deleted_at.is_(None),
+        live_file(alias.c, bindparam("now")),
     )
 
 
@@ -217,6 +219,7 @@ class JobRepository(TenantScopedRepository[FineTuningJob]):
                     "training_file": _plausible(training_file),
                     "validation_file": _plausible(validation_file),
                     "idempotency_key": idempotency_key,
+                    "now": now_ts(),  # an expired file is no file
                 },
             )
             .one()

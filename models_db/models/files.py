@@ -10,7 +10,10 @@ from models_db.base import Base, TenantOwned
 
 class File(Base, TenantOwned):
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (
+        Index("ix_files_tenant_id_id", "tenant_id", "id"),
+        Index("ix_files_expiry", "expires_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
@@ -25,3 +28,6 @@ class File(Base, TenantOwned):
     status: Mapped[str] = mapped_column(String(20), default="processed")
     # Deleted files keep their row (jobs refer to them) but lose their bytes.
     deleted_at: Mapped[int | None]
+    # OpenAI's expires_after: from then on the file is gone for the API, and its bytes are
+    # deleted once no unfinished job uses it (workers/jobs/cleanup.py). NULL: kept until deleted.
+    expires_at: Mapped[int | None]

@@ -243,3 +243,41 @@ def test_pagination(client: OpenAI) -> None:
     assert first.has_more
     everything = [j.id for j in client.fine_tuning.jobs.list(limit=2)]  # auto-paginates
     assert everything == created[::-1]
+
+
+def test_files_uploaded_with_expires_after_expire(api_server, client: OpenAI) -> None:  # type: ignore[no-untyped-def]
+    from models_db.models import File
+    from models_db.session import transaction
+
+    data = sample_data.chat_jsonl(12)
+    uploaded = client.files.create(
+        file=("t.jsonl", io.BytesIO(data)),
+        purpose="fine-tune",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert uploaded.expires_at == uploaded.created_at + 3600
+    assert client.files.retrieve(uploaded.id).expires_at == uploaded.expires_at
+    for bad, param in (
+        ({"anchor": "created_at", "seconds": 59}, "expires_after[seconds]"),
+        ({"anchor": "created_at", "seconds": 2_592_001}, "expires_after[seconds]"),
+        ({"anchor": "last_active_at", "seconds": 3600}, "expires_after[anchor]"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.create(
+                file=("t.jsonl", io.BytesIO(data)),
+                purpose="fine-tune",
+                expires_after=bad,  # type: ignore[arg-type]
+            )
+        assert refused.value.param == param
+
+    # Once past its time the file is gone for the API: not listed, not found, not trainable.
+    with transaction(api_server.session_factory) as session:
+        row = session.get(File, uploaded.id)
+        assert row is not None
+        row.expires_at = row.created_at - 1
+    assert uploaded.id not in [f.id for f in client.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+    with pytest.raises(openai.APIStatusError) as refused_job:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
+    assert refused_job.value.status_code in (400, 404)
