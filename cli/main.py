@@ -451,6 +451,15 @@ def register(name: str, source: str, context_length: int | None) -> None:
             click.echo(f"registered {row.id} from {row.source} (context {row.context_length})")
     except RegistrationError as exc:
         raise click.ClickException(str(exc)) from exc
+    first = Path(source.split("/", 1)[0])
+    if row.source == source and "://" not in source and first.is_dir():
+        # Taken as a hub id, yet it starts like a path here: most likely a mistyped folder,
+        # which would only fail later, in the worker that tries to load it.
+        click.echo(
+            f"warning: there is no folder {source!r} here, so it was registered as a hub id "
+            f"(the folder {str(first)!r} exists: is the path mistyped?)",
+            err=True,
+        )
 
 
 @models.command("list")

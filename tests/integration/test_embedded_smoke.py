@@ -133,3 +133,15 @@ def test_ordinary_mistakes_are_one_line_errors_before_anything_is_asked(tmp_path
     assert "give one" in fails(["admin", "create-tenant", "!!!"])
     # The flags are refused before a password is read.
     assert "add --tenant" in fails(["admin", "create-user", "a@b.co", "--role", "member"], "pw")
+    # A mistyped folder is registered as a hub id, with a warning that says so.
+    (tmp_path / "models").mkdir()
+    typo = subprocess.run(
+        [*LORAPLEX, "models", "register", "typo", "--source", "models/tiny-lama"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert typo.returncode == 0, typo.stderr
+    assert "is the path mistyped?" in typo.stderr
