@@ -195,6 +195,9 @@ def up(port: int) -> None:
         click.echo(f"OpenAI base URL: http://127.0.0.1:{port}/v1")
         server.run()
     finally:
+        # A second signal must not cut the cleanup short and leave children running.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stopping.set()
         for _, child in children:
             child.terminate()

@@ -6,6 +6,7 @@ created at process start (FastAPI lifespan, Celery worker init, CLI), never at i
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -69,13 +70,14 @@ class CommonSettings(BaseSettings):
                 "LORAPLEX_SECRET_KEY must be set to a random value outside embedded mode "
                 "(the development default is refused with a non-SQLite database)."
             )
-        # 32 characters of `openssl rand -hex 32` output carry 128 bits; the development
-        # default (embedded mode only) is shorter.
-        minimum = 16 if self.embedded else 32
-        if len(self.secret_key) < minimum:
-            raise ValueError(
-                f"LORAPLEX_SECRET_KEY must be at least {minimum} characters long"
-                + (" outside embedded mode." if minimum == 32 else ".")
+        if len(self.secret_key) < 16:
+            raise ValueError("LORAPLEX_SECRET_KEY must be at least 16 characters long.")
+        if not self.embedded and len(self.secret_key) < 32:
+            # Refusing would lock out a deployment made before this check: changing the secret
+            # invalidates every API key (docs/operations.md). New ones get the advice.
+            logging.getLogger(__name__).warning(
+                "LORAPLEX_SECRET_KEY has %d characters; use 32 or more (openssl rand -hex 32)",
+                len(self.secret_key),
             )
         return self
 

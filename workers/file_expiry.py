@@ -21,7 +21,13 @@ from workers.context import WorkerContext
 log = logging.getLogger(__name__)
 
 
-def expire_files(ctx: WorkerContext, *, limit: int = 100) -> int:
+GRACE_SECONDS = 600
+"""The bytes stay this long past ``expires_at``: a job created in the last moments before it (its
+lookup and its insert are two statements), or by an API host whose clock runs behind, is then
+visible to the sweep before the bytes go."""
+
+
+def expire_files(ctx: WorkerContext, *, limit: int = 100, grace: int = GRACE_SECONDS) -> int:
     """Delete up to ``limit`` expired files no unfinished job uses; returns how many."""
     now = now_ts()
     unfinished = select(FineTuningJob.id).where(
@@ -34,7 +40,8 @@ def expire_files(ctx: WorkerContext, *, limit: int = 100) -> int:
     with transaction(ctx.session_factory) as session:
         due = session.execute(
             select(File.id, File.storage_key)
-            .where(File.deleted_at.is_(None), File.expires_at <= now, ~unfinished.exists())
+            .where(File.deleted_at.is_(None), File.expires_at <= now - grace)
+            .where(~unfinished.exists())
             .order_by(File.expires_at)
             .limit(limit)
         ).all()

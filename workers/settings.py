@@ -11,6 +11,9 @@ from pydantic import Field, model_validator
 
 from common.settings import CommonSettings
 
+# Name lookup (at most 5 s, common/webhooks/ssrf.py) plus recording the result.
+_LEASE_MARGIN_SECONDS = 6.0
+
 
 class WorkerSettings(CommonSettings):
     worker_id: str = Field(
@@ -76,7 +79,7 @@ class WorkerSettings(CommonSettings):
     webhook_lease_seconds: float = Field(
         default=60.0,
         description="A delivery being sent is retried after this long if its worker died; "
-        "must be longer than WEBHOOK_TIMEOUT_SECONDS.",
+        "at least WEBHOOK_TIMEOUT_SECONDS + 6.",
     )
     webhook_poll_seconds: float = Field(
         default=1.0, description="How often each worker looks for due webhook deliveries."
@@ -122,12 +125,12 @@ class WorkerSettings(CommonSettings):
             self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
-        if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
-            # A send still waiting for its receiver would be claimed and sent again elsewhere.
+        if self.webhook_lease_seconds < self.webhook_timeout_seconds + _LEASE_MARGIN_SECONDS:
+            # A send still under way would be claimed and sent again elsewhere.
             raise ValueError(
-                "LORAPLEX_WEBHOOK_LEASE_SECONDS must be longer than "
-                "LORAPLEX_WEBHOOK_TIMEOUT_SECONDS (keep a margin for name lookup and "
-                "recording the result)."
+                "LORAPLEX_WEBHOOK_LEASE_SECONDS must be at least LORAPLEX_WEBHOOK_TIMEOUT_SECONDS "
+                f"+ {_LEASE_MARGIN_SECONDS:g} (the name lookup before a send may take 5 s, and "
+                "the result must be recorded)."
             )
         return self
 

@@ -103,7 +103,8 @@ def create(
     repo = EndpointRepository(session, principal.tenant_id)
     url = _checked_url(body.url, allow_hosts)  # name lookups before any lock is taken
     # Creates of one tenant take turns from here on, so two at once cannot both pass the count.
-    session.get(Tenant, principal.tenant_id, with_for_update=True)
+    # (FOR NO KEY UPDATE: rows that merely reference the tenant are not held up.)
+    session.get(Tenant, principal.tenant_id, with_for_update={"key_share": True})
     live = session.scalars(repo.select().where(WebhookEndpoint.deleted_at.is_(None))).all()
     if len(live) >= MAX_ENDPOINTS_PER_TENANT:
         raise BadRequest(
@@ -172,6 +173,10 @@ def set_enabled(session: Session, row: WebhookEndpoint, enabled: bool) -> None:
             now_ts(),
         )
         park_deliveries(session, row.id)
+    elif not enabled:
+        # Disabled by us (410, failing): the tenant now turns it off too, so new events stop
+        # being kept for it.
+        row.disabled_reason = DISABLED_BY_TENANT
 
 
 def delete(session: Session, principal: Principal, endpoint_id: str) -> str:

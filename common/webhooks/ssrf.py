@@ -379,18 +379,35 @@ def parse_allow_hosts(value: str | Iterable[str], *, strict: bool = True) -> fro
 
 RESOLVE_TIMEOUT_SECONDS = 5.0
 # Lookups that hang keep their thread (getaddrinfo cannot be interrupted); with a bounded pool
-# they cannot pile up threads, and callers queued behind them still give up on time.
-_resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+# they cannot pile up threads, and callers queued behind them still give up on time. One name
+# may hold at most LOOKUPS_PER_HOST of them: a name server that never answers (a tenant's own
+# domain, say) must not take the pool from everyone else's names.
+LOOKUPS_PER_HOST = 2
+_resolver = ThreadPoolExecutor(max_workers=32, thread_name_prefix="resolve")
+_in_flight: dict[str, int] = {}
+_in_flight_lock = threading.Lock()
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
+    with _in_flight_lock:
+        if _in_flight.get(host, 0) >= LOOKUPS_PER_HOST:
+            raise OSError(f"earlier lookups of {host!r} have not finished")
+        _in_flight[host] = _in_flight.get(host, 0) + 1
+
+    def finished(_: object) -> None:
+        with _in_flight_lock:
+            left = _in_flight.pop(host, 1) - 1
+            if left > 0:
+                _in_flight[host] = left
+
     lookup = _resolver.submit(
         socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )
+    lookup.add_done_callback(finished)
     try:
         infos = lookup.result(timeout=RESOLVE_TIMEOUT_SECONDS)
     except FutureTimeout:
-        lookup.cancel()
+        lookup.cancel()  # when still queued; its done callback then frees the slot
         raise OSError(f"looking up {host!r} took more than {RESOLVE_TIMEOUT_SECONDS:g} s") from None
     addresses: list[IPAddress] = []
     for family, _type, _proto, _canon, sockaddr in infos:

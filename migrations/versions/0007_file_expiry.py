@@ -20,8 +20,8 @@ def upgrade() -> None:
     # Batch mode keeps the same migration working on SQLite (embedded mode).
     with op.batch_alter_table("files") as batch:
         batch.add_column(sa.Column("expires_at", sa.BigInteger(), nullable=True))
-    # The expiry sweep looks for live files past their time.
-    op.create_index("ix_files_expiry", "files", ["expires_at"])
+    # The expiry sweep looks for live files past their time (deleted ones keep expires_at).
+    op.create_index("ix_files_expiry", "files", ["deleted_at", "expires_at"])
 
 
 def downgrade() -> None:

@@ -12,7 +12,7 @@ class File(Base, TenantOwned):
     __tablename__ = "files"
     __table_args__ = (
         Index("ix_files_tenant_id_id", "tenant_id", "id"),
-        Index("ix_files_expiry", "expires_at"),
+        Index("ix_files_expiry", "deleted_at", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -25,9 +25,16 @@ def test_dev_secret_refused_with_postgres(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ValueError, match="SECRET_KEY"):
         CommonSettings(database_url="postgresql+psycopg://u@h/db")
     CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 40)
-    with pytest.raises(ValueError, match="at least 32 characters"):
-        CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 31)
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 15)
+
+
+def test_a_short_secret_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 24)
+    assert "use 32 or more" in caplog.text
+    caplog.clear()
     CommonSettings(database_url="postgresql+psycopg://u@h/db", secret_key="s" * 32)
+    assert "use 32 or more" not in caplog.text
 
 
 def test_embedded_defaults(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -115,6 +115,8 @@ class TrainingProcess:
 # paths ("~/…", "~user/…") count as paths. It ends at whitespace, a quote, a bracket or ",;:"
 # (so "/x.py:12" keeps its line number).
 _PATH_START = r"""(?<![^\s'"`(\[{=,])"""
+# A folder we know by name may also follow ":" (a PATH-like list): no URL starts with one.
+_KNOWN_FOLDER_START = r"""(?<![^\s'"`(\[{=,:])"""
 _PATH_TAIL = r"""[^\s'"`()\[\]{}<>,;:]"""
 _ABSOLUTE_PATH = re.compile(_PATH_START + r"(?:file://|~[\w.-]*(?=/))?/" + _PATH_TAIL + "+")
 PATH_PLACEHOLDER = "<path>"
@@ -132,7 +134,7 @@ def redact_paths(text: str, workdir: Path, folders: Iterable[Path | str] = ()) -
     root = str(workdir).rstrip("/")
     known = {str(f).rstrip("/") for f in folders if str(f).startswith("/") and str(f) != "/"}
     literal = re.compile(
-        _PATH_START
+        _KNOWN_FOLDER_START
         + "(?:file://)?(?:"
         + "|".join(re.escape(f) for f in sorted(known | {root}, key=len, reverse=True))
         + f")(?:/{_PATH_TAIL}*)?(?!{_PATH_TAIL})"

@@ -134,8 +134,11 @@ def retry_delay_seconds(schedule: list[float], attempt: int) -> float | None:
 def record(
     session: Session, settings: WorkerSettings, due: DueDelivery, result: DeliveryResult
 ) -> None:
+    # Endpoint first, then its deliveries: the order every path that changes both takes
+    # (disabling an endpoint parks its deliveries), so that two of them cannot deadlock.
+    endpoint = session.get(WebhookEndpoint, due.endpoint_id, with_for_update=True)
     delivery = session.get(WebhookDelivery, due.id, with_for_update=True)
-    if delivery is None:
+    if delivery is None or endpoint is None:
         return
     session.add(
         WebhookAttempt(
@@ -150,8 +153,6 @@ def record(
     )
     if delivery.status != "pending" or delivery.attempts != due.attempt:
         return  # replayed or taken over meanwhile: the newer attempt decides
-    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id, with_for_update=True)
-    assert endpoint is not None
     delivery.last_status_code = result.status_code
     delivery.last_error = (result.error or None) and result.error[:500]
     now = now_ts()

@@ -249,3 +249,69 @@ def test_a_sender_claims_no_more_than_it_can_send_at_once(
     finally:
         release.set()
         sender.stop()
+
+
+def test_a_410_and_another_result_recorded_at_once_do_not_deadlock(
+    factory: sessionmaker[Session], settings: WorkerSettings
+) -> None:
+    """Disabling the endpoint (a 410) parks its other deliveries while another send of the same
+    endpoint is being recorded: both take the endpoint's lock before any delivery's."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite takes one write lock for the whole database")
+    endpoint_id = _endpoint(factory, settings)
+    gone_id, other_id = _deliveries(factory, endpoint_id, 2)
+    with transaction(factory) as session:
+        due = {d.id: d for d in claim_due(session, settings)}
+    outcome: dict[str, str] = {}
+
+    def record_slowly() -> None:
+        # The other result's first lock is held for a while before its second is taken.
+        session = factory()
+        real_get = session.get
+        calls = 0
+
+        def slow_get(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            found = real_get(*args, **kwargs)
+            calls += 1
+            if calls == 1:
+                time.sleep(1.0)
+            return found
+
+        session.get = slow_get  # type: ignore[method-assign]
+        try:
+            record(session, settings, due[other_id], FAILED)
+            session.commit()
+            outcome["other"] = "committed"
+        except Exception as exc:
+            outcome["other"] = repr(exc)
+        finally:
+            session.close()
+
+    slow = threading.Thread(target=record_slowly)
+    slow.start()
+    time.sleep(0.3)
+    try:
+        with transaction(factory) as session:
+            record(session, settings, due[gone_id], DeliveryResult(410, 1.0, "", "Gone", False))
+        outcome["gone"] = "committed"
+    except Exception as exc:
+        outcome["gone"] = repr(exc)
+    slow.join(30)
+    assert outcome == {"gone": "committed", "other": "committed"}
+
+
+def test_a_tenant_can_turn_off_an_endpoint_we_had_disabled(
+    factory: sessionmaker[Session], settings: WorkerSettings
+) -> None:
+    endpoint_id = _endpoint(factory, settings)
+    with transaction(factory) as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None
+        endpoint.enabled = False
+        endpoint.disabled_reason = "The endpoint answered 410 Gone; deliveries stopped."
+    with transaction(factory) as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None
+        set_enabled(session, endpoint, False)  # the tenant's own "off"
+    assert _emit(factory, endpoint_id) == 0  # events are no longer kept for it

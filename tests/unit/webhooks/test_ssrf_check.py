@@ -204,5 +204,12 @@ def test_a_name_server_that_never_answers_is_given_up_on(monkeypatch: pytest.Mon
         with pytest.raises(UnsafeURL, match="could not be resolved"):
             check_url("https://silent.example.test/hook")
         assert time.monotonic() - started < 5
+        # The silent name holds at most LOOKUPS_PER_HOST threads; beyond that it is refused at
+        # once, and other names are still looked up.
+        for _ in range(ssrf.LOOKUPS_PER_HOST):
+            with pytest.raises(UnsafeURL, match="could not be resolved"):
+                check_url("https://silent.example.test/hook")
+        with pytest.raises(UnsafeURL, match="resolves to a loopback address"):
+            check_url("https://localhost/hook")
     finally:
         answer.set()

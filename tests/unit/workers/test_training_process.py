@@ -94,6 +94,7 @@ def test_absolute_paths_are_kept_out_of_failure_messages(text: str, shown: str) 
         ("/data/My Models/tiny/config.json is missing", "<path> is missing"),
         ("cannot read file:///data/My Models/tiny.", "cannot read <path>."),
         ("/data/My Models", "<path>"),
+        ("paths=/usr/lib:/data/My Models/x", "paths=<path>:<path>"),  # a PATH-like list
         # Home-relative paths.
         ("see ~/.cache/huggingface/x and ~svc/lib/y", "see <path> and <path>"),
         # A known folder's text inside a URL or a longer name is not a path of ours.
