@@ -204,7 +204,8 @@ def test_a_thousand_events_to_a_flaky_receiver_are_all_delivered_once(
 def test_worker_killed_mid_delivery_retries_and_delivers(
     stack: TrainingStack, tenant: TenantCreds
 ) -> None:
-    slow = Receiver(hang_first_seconds=8).start()
+    # Held past the lease (LORAPLEX_WEBHOOK_LEASE_SECONDS, 8 s here): the retry comes first.
+    slow = Receiver(hang_first_seconds=30).start()
     try:
         _endpoint(stack, tenant, slow.url)
         doomed = stack.start_worker("w-doomed")
