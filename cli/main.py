@@ -25,10 +25,9 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            if type(exc).__module__ != "sqlalchemy.exc" or type(exc).__name__ not in (
-                "OperationalError",
-                "ProgrammingError",
-            ):
+            from sqlalchemy.exc import OperationalError, ProgrammingError
+
+            if not isinstance(exc, OperationalError | ProgrammingError):
                 raise
             reason = str(getattr(exc, "orig", exc)).splitlines()[0]
             raise click.ClickException(

@@ -29,6 +29,11 @@ def now_ts() -> int:
     return int(time.time())
 
 
+def now_ms() -> int:
+    """Unix time in milliseconds, for due times that need finer steps than seconds."""
+    return int(time.time() * 1000)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {

@@ -26,10 +26,10 @@ class FileRepository(TenantScopedRepository[File]):
     model = File
 
     def get_live(self, file_id: str) -> File | None:
-        row = self.get(file_id)
-        if row is None or row.deleted_at is not None:
-            return None
-        return row if row.expires_at is None or row.expires_at > now_ts() else None
+        row: File | None = self.session.scalar(
+            self.select().where(File.id == file_id, live_file(File, now_ts()))
+        )
+        return row
 
     def list(
         self, *, purpose: str | None, after: str | None, limit: int, ascending: bool

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -24,10 +23,10 @@ from common.webhooks import signing
 from common.webhooks.events import (
     DISABLED_BY_TENANT,
     PARKED_AT_MS,
+    due_time_ms,
     endpoint_test_event,
     enqueue_delivery,
-    park_deliveries,
-    unpark_deliveries,
+    set_parked,
     wake_delivery,
 )
 from common.webhooks.ssrf import UnsafeURL, check_url
@@ -165,14 +164,14 @@ def set_enabled(session: Session, row: WebhookEndpoint, enabled: bool) -> None:
             None,
             None,
         )
-        unpark_deliveries(session, row.id)  # what waited is due now
+        set_parked(session, row.id, False)  # what waited is due now
     elif not enabled and row.enabled:
         row.enabled, row.disabled_reason, row.disabled_at = (
             False,
             DISABLED_BY_TENANT,
             now_ts(),
         )
-        park_deliveries(session, row.id)
+        set_parked(session, row.id, True)
     elif not enabled:
         # Disabled by us (410, failing): the tenant now turns it off too, so new events stop
         # being kept for it.
@@ -282,7 +281,7 @@ def replay(
             f"No delivery found with id '{ids.show_id(delivery_id)}'.", param="delivery_id"
         )
     row.status = "pending"
-    row.next_attempt_at_ms = int(time.time() * 1000) if endpoint.enabled else PARKED_AT_MS
+    row.next_attempt_at_ms = due_time_ms(endpoint)
     row.delivered_at = None
     wake_delivery(session, row)
     _audit(session, principal, "webhook_delivery.replay", row.id)

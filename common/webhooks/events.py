@@ -8,14 +8,13 @@ wakes a worker to send it now; the worker's poller sends whatever the message mi
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from common import ids
-from models_db.base import now_ts
+from models_db.base import now_ms, now_ts
 from models_db.models import FineTuningJob, OutboxMessage, WebhookDelivery, WebhookEndpoint
 
 DELIVER_WEBHOOK_TASK = "loraplex.webhooks.deliver"
@@ -23,31 +22,27 @@ DELIVER_WEBHOOK_TASK = "loraplex.webhooks.deliver"
 DISABLED_BY_TENANT = "Disabled by the tenant."
 # The due time of a pending delivery whose endpoint is disabled: beyond any real time, so the
 # senders' search for due deliveries (an index range up to now) never walks over them however
-# many pile up; enabling the endpoint makes them due at once (unpark_deliveries).
+# many pile up; enabling the endpoint makes them due at once (set_parked).
 PARKED_AT_MS = 2**62
 
 
-def park_deliveries(session: Session, endpoint_id: str) -> None:
+def due_time_ms(endpoint: WebhookEndpoint) -> int:
+    """When a delivery to ``endpoint`` queued (or replayed) now becomes due."""
+    return now_ms() if endpoint.enabled else PARKED_AT_MS
+
+
+def set_parked(session: Session, endpoint_id: str, parked: bool) -> None:
+    """Park the endpoint's pending deliveries (it was disabled), or make the parked ones due
+    now (it was enabled)."""
+    is_parked = WebhookDelivery.next_attempt_at_ms >= PARKED_AT_MS
     session.execute(
         update(WebhookDelivery)
         .where(
             WebhookDelivery.endpoint_id == endpoint_id,
             WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at_ms < PARKED_AT_MS,
+            ~is_parked if parked else is_parked,
         )
-        .values(next_attempt_at_ms=PARKED_AT_MS)
-    )
-
-
-def unpark_deliveries(session: Session, endpoint_id: str) -> None:
-    session.execute(
-        update(WebhookDelivery)
-        .where(
-            WebhookDelivery.endpoint_id == endpoint_id,
-            WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at_ms >= PARKED_AT_MS,
-        )
-        .values(next_attempt_at_ms=int(time.time() * 1000))
+        .values(next_attempt_at_ms=PARKED_AT_MS if parked else now_ms())
     )
 
 
@@ -104,7 +99,7 @@ def enqueue_delivery(
         body=body,
         status="pending",
         attempts=0,
-        next_attempt_at_ms=int(time.time() * 1000) if endpoint.enabled else PARKED_AT_MS,
+        next_attempt_at_ms=due_time_ms(endpoint),
     )
     session.add(delivery)
     wake_delivery(session, delivery)

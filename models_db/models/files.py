@@ -29,5 +29,5 @@ class File(Base, TenantOwned):
     # Deleted files keep their row (jobs refer to them) but lose their bytes.
     deleted_at: Mapped[int | None]
     # OpenAI's expires_after: from then on the file is gone for the API, and its bytes are
-    # deleted once no unfinished job uses it (workers/jobs/cleanup.py). NULL: kept until deleted.
+    # deleted once no unfinished job uses it (workers/file_expiry.py). NULL: kept until deleted.
     expires_at: Mapped[int | None]

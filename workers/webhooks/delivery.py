@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,10 +23,10 @@ from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.webhooks.events import PARKED_AT_MS, park_deliveries
+from common.webhooks.events import PARKED_AT_MS, set_parked
 from common.webhooks.signing import decrypt_secret, headers
 from common.webhooks.ssrf import DeliveryResult, SafeWebhookClient
-from models_db.base import now_ts
+from models_db.base import now_ms, now_ts
 from models_db.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from models_db.session import transaction
 from workers.settings import WorkerSettings
@@ -46,10 +45,6 @@ class DueDelivery:
     body: str
     secrets: list[str]
     attempt: int
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def live_secrets(endpoint: WebhookEndpoint, server_secret: str, now: int) -> list[str]:
@@ -211,7 +206,7 @@ def _disable(session: Session, endpoint: WebhookEndpoint, reason: str, now: int)
         endpoint.disabled_reason = reason[:500]
         endpoint.disabled_at = now
         session.flush()
-        park_deliveries(session, endpoint.id)  # they wait for the tenant to enable it
+        set_parked(session, endpoint.id, True)  # they wait for the tenant to enable it
         log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
 
 

@@ -91,6 +91,17 @@ def _deliveries(factory: sessionmaker[Session], endpoint_id: str, n: int) -> lis
         return [d.id for d in made]
 
 
+def _disabled_by_us(factory: sessionmaker[Session], settings: WorkerSettings) -> str:
+    """An endpoint that the sender disabled (it answered 410), not its tenant."""
+    endpoint_id = _endpoint(factory, settings)
+    with transaction(factory) as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None
+        endpoint.enabled = False
+        endpoint.disabled_reason = "The endpoint answered 410 Gone; deliveries stopped."
+    return endpoint_id
+
+
 def _emit(factory: sessionmaker[Session], endpoint_id: str) -> int:
     with transaction(factory) as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
@@ -128,12 +139,7 @@ def test_two_claimers_never_hold_the_same_delivery(
 def test_an_endpoint_we_disabled_keeps_its_events_for_when_it_is_enabled(
     factory: sessionmaker[Session], settings: WorkerSettings
 ) -> None:
-    endpoint_id = _endpoint(factory, settings)
-    with transaction(factory) as session:
-        endpoint = session.get(WebhookEndpoint, endpoint_id)
-        assert endpoint is not None
-        endpoint.enabled = False
-        endpoint.disabled_reason = "The endpoint answered 410 Gone; deliveries stopped."
+    endpoint_id = _disabled_by_us(factory, settings)
     assert _emit(factory, endpoint_id) == 1  # kept, not dropped
     with transaction(factory) as session:
         assert claim_due(session, settings) == []  # but not sent while disabled
@@ -304,12 +310,7 @@ def test_a_410_and_another_result_recorded_at_once_do_not_deadlock(
 def test_a_tenant_can_turn_off_an_endpoint_we_had_disabled(
     factory: sessionmaker[Session], settings: WorkerSettings
 ) -> None:
-    endpoint_id = _endpoint(factory, settings)
-    with transaction(factory) as session:
-        endpoint = session.get(WebhookEndpoint, endpoint_id)
-        assert endpoint is not None
-        endpoint.enabled = False
-        endpoint.disabled_reason = "The endpoint answered 410 Gone; deliveries stopped."
+    endpoint_id = _disabled_by_us(factory, settings)
     with transaction(factory) as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
         assert endpoint is not None
